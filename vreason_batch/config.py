@@ -1,0 +1,234 @@
+"""The one typed config: pydantic models (unknown keys are errors), YAML loading, dotted overrides.
+
+Validated at the edge (CLI / job entrypoint) before any cluster work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Mode = Literal["greedy", "vreason", "vreason_lite"]
+Rule = Literal["switch", "always_min", "always_max"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message is meant for the command line."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ColumnMap(_Strict):
+    """Names of the manifest columns, so benchmark exports load without conversion."""
+
+    video: str = Field("video", description="column holding the video path or URI")
+    question: str = Field("question", description="column holding the question text")
+    options: str = Field("options", description="column holding a list of answer options (optional)")
+    answer: str = Field("answer", description="column holding the ground-truth answer (optional)")
+    id: str = Field("id", description="column holding a stable sample id (optional)")
+    dataset: str = Field("dataset", description="column holding the dataset name (optional)")
+    problem_type: str = Field("problem_type", description="column holding the problem type (optional)")
+
+
+class AnnotateConfig(_Strict):
+    """Annotation mode: every video under a directory / S3 prefix crossed with fixed questions."""
+
+    videos: str = Field(..., description="local directory, glob, or s3:// prefix of videos")
+    pattern: str = Field("*.mp4", description="file-name glob applied under `videos`")
+    questions: list[str] = Field(..., min_length=1, description="questions asked of every video")
+    dataset: str = Field("annotation", description="dataset name written to every row")
+
+
+class InputConfig(_Strict):
+    manifest: str | None = Field(None, description="manifest path or s3:// URI (jsonl, json, parquet, csv)")
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = Field(
+        "auto", description="manifest format; auto = from the file extension"
+    )
+    video_root: str | None = Field(
+        None, description="base for relative video paths; default: the manifest's folder"
+    )
+    columns: ColumnMap = Field(default_factory=ColumnMap, description="manifest column names")
+    annotate: AnnotateConfig | None = Field(None, description="annotation mode instead of a manifest")
+    limit: int | None = Field(None, ge=1, description="only the first N samples (after de-duplication)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "InputConfig":
+        if (self.manifest is None) == (self.annotate is None):
+            raise ValueError("set exactly one of input.manifest and input.annotate")
+        return self
+
+
+class OutputConfig(_Strict):
+    uri: str = Field(..., description="local directory or s3://bucket/prefix for the Parquet output")
+    rows_per_file: int = Field(256, ge=1, description="result rows per Parquet file (one file per shard)")
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression")
+
+
+class ModelConfig(_Strict):
+    name_or_path: str = Field(
+        "builtin:tiny-qwen2.5-vl",
+        description="local dir, s3:// prefix, hub id, a .gguf file, or builtin:tiny-qwen2.5-vl (random weights: noise)",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bfloat16 on CUDA, float32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="attention kernel for the language model"
+    )
+    trust_remote_code: bool = Field(False, description="allow custom modelling code from the checkpoint")
+    cache_dir: str = Field(
+        "~/.cache/vreason-batch/models", description="where s3:// checkpoints are downloaded, once per node"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer dir when it is not next to the weights")
+    seed: int = Field(0, description="seed of the built-in random model")
+
+
+class DecodingConfig(_Strict):
+    modes: list[Mode] = Field(["greedy", "vreason"], min_length=1, description="one output row per sample per mode")
+    max_new_tokens: int = Field(1024, ge=1, description="hard cap on generated tokens")
+    stop_strings: list[str] = Field(["</answer>"], description="stop once the output ends with one of these")
+    prompt: Literal["reasoning", "plain"] = Field("reasoning", description="prompt template")
+    system_prompt: str = Field("You are a helpful assistant.", description="system message")
+
+    @field_validator("modes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"decoding.modes has duplicates: {v}")
+        return v
+
+
+class ControllerConfig(_Strict):
+    lr: float = Field(1e-3, ge=0.0, description="Adam learning rate on dV (0 = the base model)")
+    update_every: int = Field(2, ge=1, description="k: update dV every k generated tokens")
+    steps_per_update: int = Field(1, ge=1, description="Adam steps per update")
+    rule: Rule = Field("switch", description="alpha policy: switch (default) | always_min | always_max")
+    ema_beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the entropy trend")
+    delta: float = Field(0.1, gt=0.0, lt=1.0, description="EMA peak is passed at (1-delta) * running max")
+    min_explore_tokens: int = Field(16, ge=0, description="no peak before this many tokens")
+    adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
+    adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
+    adam_eps: float = Field(1e-8, gt=0.0, description="Adam epsilon")
+    positions: Literal["auto", "video", "prompt"] = Field(
+        "auto", description="where dV lives: video tokens, or all prompt tokens; auto = video if any, else prompt"
+    )
+
+
+class LiteConfig(_Strict):
+    prune_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of video tokens dropped after prefill")
+
+
+class VideoConfig(_Strict):
+    num_frames: int = Field(16, ge=1, le=512, description="frames sampled uniformly (when target_fps is unset)")
+    target_fps: float | None = Field(None, gt=0, description="sample at this rate instead, up to max_frames")
+    max_frames: int = Field(32, ge=1, le=512, description="cap on frames with target_fps")
+    min_pixels: int = Field(128 * 28 * 28, ge=28 * 28, description="min pixels per frame after resize")
+    max_pixels: int = Field(768 * 28 * 28, ge=28 * 28, description="max pixels per frame after resize")
+    max_source_pixels: int = Field(
+        7680 * 4320, ge=1, description="reject sources larger than this (width * height): absurd resolutions"
+    )
+
+    @model_validator(mode="after")
+    def _pixels(self) -> "VideoConfig":
+        if self.min_pixels > self.max_pixels:
+            raise ValueError("video.min_pixels must be <= video.max_pixels")
+        return self
+
+
+class RuntimeConfig(_Strict):
+    batch_size: int = Field(4, ge=1, description="samples decoded together by one model actor")
+    num_actors: int = Field(1, ge=1, description="model actors (one model each)")
+    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per model actor (0 on CPU)")
+    num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per model actor")
+    video_workers: int = Field(1, ge=1, description="concurrent CPU tasks decoding video")
+    max_task_retries: int = Field(2, ge=0, description="Ray retries of a failed video / model task")
+    progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
+
+
+class Config(_Strict):
+    """A whole job. Keys: input, output, model, decoding, controller, lite, video, runtime."""
+
+    name: str = Field("vreason", description="job name, written to the run record")
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    lite: LiteConfig = Field(default_factory=LiteConfig)
+    video: VideoConfig = Field(default_factory=VideoConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    def config_hash(self) -> str:
+        """Hash of everything that changes results (not output location nor runtime sizing)."""
+        d = self.model_dump(mode="json")
+        for k in ("output", "runtime", "name"):
+            d.pop(k, None)
+        d["input"].pop("limit", None)
+        blob = json.dumps(d, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _parse_value(raw: str) -> Any:
+    """`--set` values are YAML scalars / lists: `1e-3`, `true`, `[greedy, vreason]`, `null`."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `dotted.key=value` overrides to a raw config dict (before validation)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = data
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def _format_validation(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a YAML mapping")
+    return config_from_dict(data, overrides)
