@@ -65,6 +65,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("score", pa.float32()),
         pa.field("finish_reason", pa.string()),
         pa.field("entropy", pa.list_(pa.float32())),
+        pa.field("entropy_post", pa.list_(pa.float32())),
         pa.field("entropy_ema", pa.list_(pa.float32())),
         pa.field("alpha", pa.list_(pa.int8())),
         pa.field("num_prompt_tokens", pa.int32()),
