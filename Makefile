@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	$(VENV)/bin/vreason-batch demo-manifest runs/demo/manifest.jsonl
 	$(VENV)/bin/vreason-batch run configs/demo.yaml --overwrite
 	$(VENV)/bin/vreason-batch report runs/demo/output --out runs/demo/report
 

@@ -57,6 +57,7 @@ class InputConfig(_Strict):
     columns: ColumnMap = Field(default_factory=ColumnMap, description="manifest column names")
     annotate: AnnotateConfig | None = Field(None, description="annotation mode instead of a manifest")
     limit: int | None = Field(None, ge=1, description="only the first N samples (after de-duplication)")
+    text_only: bool = Field(False, description="rows carry no video (text questions for a text LM)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "InputConfig":
@@ -167,11 +168,10 @@ class Config(_Strict):
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
 
     def config_hash(self) -> str:
-        """Hash of everything that changes results (not output location nor runtime sizing)."""
+        """Hash of what changes a row's result: not the input list (it grows nightly), the output or sizing."""
         d = self.model_dump(mode="json")
-        for k in ("output", "runtime", "name"):
+        for k in ("input", "output", "runtime", "name"):
             d.pop(k, None)
-        d["input"].pop("limit", None)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

