@@ -352,5 +352,6 @@ def test_text_only_rows_need_no_video(tmp_path):
     m.write_text('{"question": "What is 2 + 3?", "answer": "5", "problem_type": "numerical"}\n')
     ok = read_samples(InputConfig(manifest=str(m), text_only=True)).samples
     assert ok[0].error_type is None and ok[0].video == ""
-    bad = read_samples(InputConfig(manifest=str(m))).samples
-    assert bad[0].error_type == "bad_manifest_row" and "no video" in bad[0].error
+    # without text_only, a manifest with no video column at all is unusable: fail fast
+    with pytest.raises(ManifestError, match="no video column"):
+        read_samples(InputConfig(manifest=str(m)))
