@@ -243,7 +243,8 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
 
     try:
         with torch.inference_mode(False), torch.no_grad():
-            out = model(**inputs, position_ids=position_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            # the base model stops at the final hidden state; lm_head is applied only where needed
+            hidden = _hidden(lm, inputs, position_ids, cache)
             if settings.mode == "vreason_lite":
                 video_sel = _video_selector(lm, inputs)
                 attn, video_sel, kept = _prune_lite(cache, attn, video_sel, cache.layers[-1].values, settings.prune_ratio)
@@ -256,16 +257,16 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
             if use_controller:
                 ctrl = ControllerState.new(cache.layers[-1].values, owner, pos, B)
             next_pos = position_ids[..., -1:] + 1  # [4, B, 1] or [B, 1]
-            logits = out.logits[:, -1, :]
 
             for step in range(settings.max_new_tokens):
-                h = entropy_from_logits(logits)  # [b]
-                alpha = policy_step(policy, h, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens)
                 updated = use_controller and step % cc.update_every == 0
-                h_post = h
                 if updated:
-                    logits = _controller_update(lm, cache, capture, ctrl, alpha, cc)
-                    h_post = entropy_from_logits(logits)
+                    # H_t, alpha_t and the first Adam step share one grad-enabled last-layer forward
+                    h, alpha, logits, h_post = _controller_update(lm, cache, capture, ctrl, policy, cc)
+                else:
+                    logits = lm.lm_head()(hidden)[:, -1, :].float()  # [b, V]
+                    h = h_post = entropy_from_logits(logits)
+                    alpha = policy_step(policy, h, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens)
                 next_tok = logits.argmax(dim=-1)  # [b]
 
                 now = time.perf_counter() - t0
@@ -303,16 +304,10 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
                         ctrl = ctrl.select(keep, n_before)
 
                 attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
-                out = model(
-                    input_ids=next_tok[:, None],
-                    attention_mask=attn,
-                    position_ids=next_pos,
-                    past_key_values=cache,
-                    use_cache=True,
-                    logits_to_keep=1,
+                hidden = _hidden(
+                    lm, {"input_ids": next_tok[:, None], "attention_mask": attn}, next_pos, cache
                 )
                 next_pos = next_pos + 1
-                logits = out.logits[:, -1, :]
     finally:
         if hook is not None:
             hook.remove()
@@ -381,21 +376,34 @@ def _last_layer_logits(lm: LoadedModel, capture: _LastLayerInput, keys, values):
     return lm.lm_head()(lm.final_norm()(hidden))[:, -1, :].float()
 
 
-def _controller_update(lm: LoadedModel, cache, capture: _LastLayerInput, ctrl: ControllerState, alpha, cc: ControllerConfig):
-    """`steps_per_update` Adam steps on alpha_t * H_t for every sample, then the post-update logits."""
+def _hidden(lm: LoadedModel, inputs: dict, position_ids, cache):
+    """Run the base model (no lm_head) and return the final hidden state at the last position [b, 1, D]."""
+    out = lm.model.model(**inputs, position_ids=position_ids, past_key_values=cache, use_cache=True)
+    return out.last_hidden_state[:, -1:, :]
+
+
+def _controller_update(lm: LoadedModel, cache, capture: _LastLayerInput, ctrl: ControllerState, policy: PolicyState, cc: ControllerConfig):
+    """`steps_per_update` Adam steps on alpha_t * H_t for every sample, then the post-update logits.
+
+    Returns (H_t before the update [b], alpha_t [b], post-update logits [b, V], their entropy [b]).
+    """
     import torch
 
     layer = cache.layers[-1]
     keys, values = layer.keys, layer.values  # [b, kv_heads, S, head_dim]
-    active = torch.ones(alpha.shape[0], dtype=torch.bool, device=alpha.device)
+    active = torch.ones(keys.shape[0], dtype=torch.bool, device=keys.device)
+    h_pre = alpha = None
     for _ in range(cc.steps_per_update):
         dv = ctrl.dv.detach().requires_grad_(True)
         with torch.enable_grad():
-            logits = _last_layer_logits(lm, capture, keys, ctrl.effective_values(values, dv))
+            h = entropy_from_logits(_last_layer_logits(lm, capture, keys, ctrl.effective_values(values, dv)))
+            if h_pre is None:
+                h_pre = h.detach()
+                alpha = policy_step(policy, h_pre, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens)
             # samples are independent: the sum gives each dV only its own sample's gradient
-            loss = (alpha * entropy_from_logits(logits)).sum()
-            (grad,) = torch.autograd.grad(loss, dv)
+            (grad,) = torch.autograd.grad((alpha * h).sum(), dv)
         adam_step(ctrl, grad, active, cc.lr, cc.adam_beta1, cc.adam_beta2, cc.adam_eps)
     ctrl.updates = ctrl.updates + 1
     ctrl.write_cache(values)
-    return _last_layer_logits(lm, capture, keys, values)
+    logits = _last_layer_logits(lm, capture, keys, values)
+    return h_pre, alpha, logits, entropy_from_logits(logits)
