@@ -600,7 +600,7 @@ def _plot_examples(examples: pa.Table, keys: list[tuple[str, str]]) -> bytes:
                 ax.plot(entropy[i], color=color, alpha=0.45, linewidth=0.9)
             if len(ema[i]):
                 ax.plot(ema[i], color=color, linewidth=2.2)
-            # The strip sits below the curves (see the y limits set after plotting).
+            # The strip sits below the curves (see the y range set after plotting).
             for start, stop, sign in _alpha_runs(alpha[i]):
                 ax.axvspan(
                     start - 0.5, stop - 0.5, ymin=0.0, ymax=0.07, linewidth=0,
@@ -612,10 +612,14 @@ def _plot_examples(examples: pa.Table, keys: list[tuple[str, str]]) -> bytes:
             ax.set_xlim(-0.5, n - 0.5)
             ax.set_title(f"{mode}: {n} tokens", fontsize=10)
             ax.grid(alpha=0.25)
+    # One y range per row, fitted to the traces (entropy may vary in a narrow band far from 0),
+    # with room at the bottom for the alpha strip (drawn in axes coordinates, below 7%).
     for row_axes in axes:
-        top = max(ax.get_ylim()[1] for ax in row_axes)
+        lo = min(ax.get_ylim()[0] for ax in row_axes)
+        hi = max(ax.get_ylim()[1] for ax in row_axes)
+        span = max(hi - lo, 1e-3)
         for ax in row_axes:
-            ax.set_ylim(-0.1 * top, top)
+            ax.set_ylim(lo - 0.12 * span, hi)
     handles = [
         Line2D([], [], color="#777777", alpha=0.6, linewidth=0.9, label="entropy H_t"),
         Line2D([], [], color="#777777", linewidth=2.2, label="EMA of H_t"),
