@@ -526,7 +526,9 @@ def init_ray(num_cpus: int | None = None) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
+        # "local", not None: None would join whatever cluster the last `ray start` on this machine
+        # recorded in /tmp/ray/ray_current_cluster (even a dead one) instead of starting our own.
+        ray.init(address="local", num_cpus=num_cpus, log_to_driver=True, include_dashboard=False)
 
 
 class _Progress:
