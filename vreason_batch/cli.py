@@ -65,7 +65,7 @@ def cmd_run(args) -> int:
 
     cfg = _load(args)
     try:
-        plan = plan_run(cfg, overwrite=args.overwrite and not args.dry_run)
+        plan = plan_run(cfg, overwrite=args.overwrite, dry_run=args.dry_run)
     except ManifestError as e:
         print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -150,7 +150,9 @@ class RuntimeConfig(_Strict):
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per model actor (0 on CPU)")
     num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per model actor")
     video_workers: int = Field(1, ge=1, description="concurrent CPU tasks decoding video")
-    max_task_retries: int = Field(2, ge=0, description="Ray retries of a failed video / model task")
+    max_task_retries: int = Field(
+        2, ge=0, description="Ray retries of a video task / model batch whose worker died (crash, node loss)"
+    )
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
 
 

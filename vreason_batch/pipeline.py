@@ -122,15 +122,19 @@ def clear_output(uri: str) -> int:
     return removed
 
 
-def plan_run(cfg: Config, overwrite: bool = False) -> RunPlan:
-    """Read the manifest, look at what is already written, and list what is left to do."""
+def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False) -> RunPlan:
+    """Read the manifest, look at what is already written, and list what is left to do.
+
+    With `overwrite`, the job's results are deleted first; with `dry_run` too, nothing is deleted
+    and the plan shows what an overwriting run would do.
+    """
     from .manifest import read_samples
 
     manifest = read_samples(cfg.input)
     chash = cfg.config_hash()
-    if overwrite:
+    if overwrite and not dry_run:
         clear_output(cfg.output.uri)
-    done, dupes = read_done_keys(cfg.output.uri)
+    done, dupes = ({}, 0) if overwrite else read_done_keys(cfg.output.uri)
     others = {h for h in done.values() if h != chash}
     if others:
         raise OutputConflict(
@@ -483,6 +487,7 @@ def _needs_video(cfg: Config) -> bool:
 def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
     """Wire manifest rows -> video stage -> mode expansion -> model actors (a lazy Ray Dataset)."""
     import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
 
     items = [{**s.to_dict(), "modes": modes} for s, modes in plan.pending]
     rt = cfg.runtime
@@ -493,7 +498,9 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
         load_video_row,
         fn_kwargs={"video_cfg": cfg.video.model_dump(), "needs_video": _needs_video(cfg)},
         num_cpus=1,
-        concurrency=rt.video_workers,
+        compute=TaskPoolStrategy(size=rt.video_workers),
+        # bounded: a sample that kills its worker every time must fail the job (which then
+        # resumes), not retry forever. Passed as remote args: Ray 2.60 has no named parameter.
         max_retries=rt.max_task_retries,
     )
     ds = ds.flat_map(expand_modes)
@@ -507,10 +514,10 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
         },
         batch_size=rt.batch_size,
         batch_format="pyarrow",
-        concurrency=rt.num_actors,
+        compute=ActorPoolStrategy(size=rt.num_actors),
         num_gpus=rt.num_gpus_per_actor or None,
         num_cpus=rt.num_cpus_per_actor,
-        max_restarts=-1,
+        max_restarts=rt.max_task_retries,
         max_task_retries=rt.max_task_retries,
     )
     return ds
