@@ -21,6 +21,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
+from procs import proc_table
 from videos import write_counter_video
 
 pytestmark = pytest.mark.integration
@@ -46,24 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, session id, state) of every process, from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
-        except OSError:
-            continue
-        table[int(entry)] = (int(fields[1]), int(fields[3]), fields[0])
-    return table
-
-
 def tree_and_session(root: int) -> set[int]:
     """`root`, its live descendants, and the live members of its session (jobs run in sessions of their own)."""
-    table = _proc_table()
+    table = proc_table()
     found = {root} | {pid for pid, (_, sid, _) in table.items() if sid == root}
     grew = True
     while grew:
@@ -86,7 +72,7 @@ def kill_tree(proc: subprocess.Popen, wait_s: float = 15.0) -> set[int]:
     alive = pids
     while alive and time.monotonic() < deadline:
         time.sleep(0.2)
-        table = _proc_table()
+        table = proc_table()
         alive = {p for p in pids if p in table and table[p][2] != "Z"}
     return alive
 

@@ -29,6 +29,7 @@ from vreason_batch import storage
 from vreason_batch.config import Config, config_from_dict
 from vreason_batch.pipeline import FAULT_ENV, RUNS_DIR, OutputConflict, plan_run, run_job
 from vreason_batch.schema import OUTPUT_SCHEMA
+from procs import session_pids
 
 pytestmark = pytest.mark.pipeline
 
@@ -397,22 +398,6 @@ def test_actor_killed_mid_batch_is_retried_exactly_once(local_ray, fault_marker,
 # 5. The driver is killed mid-run; a re-run completes without duplicates
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Live processes (not zombies) of session `sid`, from /proc."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":
-            pids.append(int(entry))
-    return pids
-
-
 def _kill_session(proc: subprocess.Popen, wait_s: float) -> list[int]:
     """SIGKILL the process group we started and wait for its whole session to end.
 
@@ -427,9 +412,9 @@ def _kill_session(proc: subprocess.Popen, wait_s: float) -> list[int]:
         pass
     proc.wait()
     deadline = time.monotonic() + wait_s
-    while _session_pids(sid) and time.monotonic() < deadline:
+    while session_pids(sid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    survivors = _session_pids(sid)
+    survivors = session_pids(sid)
     for pid in survivors:
         try:
             os.kill(pid, signal.SIGKILL)

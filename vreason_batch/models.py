@@ -96,6 +96,16 @@ def builtin_tokenizer_dir() -> Path:
     return Path(spec.origin).parent / "tokenizer_files"
 
 
+# Shared by every Qwen2.5-VL size: the patching constants and the special-token ids.
+_VISION_COMMON = dict(
+    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112, tokens_per_second=2, in_channels=3
+)
+_TOKEN_IDS = dict(
+    image_token_id=IMAGE_PAD_ID, video_token_id=VIDEO_PAD_ID,
+    vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
+)
+
+
 def tiny_qwen25vl_config():
     """The real Qwen2.5-VL architecture at toy size (4 layers, hidden 128, 2 vision blocks)."""
     from transformers import Qwen2_5_VLConfig
@@ -124,19 +134,11 @@ def tiny_qwen25vl_config():
             "intermediate_size": 128,
             "num_heads": 4,
             "out_hidden_size": 128,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
             "fullatt_block_indexes": [1],
-            "tokens_per_second": 2,
-            "in_channels": 3,
+            **_VISION_COMMON,
             "initializer_range": 0.2,
         },
-        image_token_id=IMAGE_PAD_ID,
-        video_token_id=VIDEO_PAD_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
+        **_TOKEN_IDS,
         tie_word_embeddings=True,
     )
 
@@ -165,18 +167,10 @@ def qwen25vl_7b_config():
             "intermediate_size": 3420,
             "num_heads": 16,
             "out_hidden_size": 3584,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
             "fullatt_block_indexes": [7, 15, 23, 31],
-            "tokens_per_second": 2,
-            "in_channels": 3,
+            **_VISION_COMMON,
         },
-        image_token_id=IMAGE_PAD_ID,
-        video_token_id=VIDEO_PAD_ID,
-        vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
+        **_TOKEN_IDS,
         tie_word_embeddings=False,
     )
 
