@@ -24,12 +24,12 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from procs import session_pids
 from videos import real_video, write_counter_video, write_empty, write_text_as_mp4, write_truncated
 from vreason_batch import storage
 from vreason_batch.config import Config, config_from_dict
 from vreason_batch.pipeline import FAULT_ENV, RUNS_DIR, OutputConflict, plan_run, run_job
 from vreason_batch.schema import OUTPUT_SCHEMA
-from procs import session_pids
 
 pytestmark = pytest.mark.pipeline
 
