@@ -2,8 +2,8 @@
 
 Figures, not a test: every timing is the median of `--repeats` runs after one warm-up, with EOS
 disabled so every run makes exactly `--new-tokens` tokens. ms/token includes the prefill, the same
-for every mode. Memory: on CUDA the allocator's peak; on CPU the peak resident set size above the
-level before the measurement (sampled every 2 ms).
+for every mode. Memory: on CUDA the allocator's peak above the level before the run; on CPU the peak
+resident set size above the level at the start of one run, measured in a forked child.
 """
 
 from __future__ import annotations
@@ -11,39 +11,40 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import threading
 import time
 from typing import Any
 
 import numpy as np
 
 
-class _PeakRSS:
-    """Peak RSS (bytes) of this process while the context is open, sampled in a thread."""
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-    def __init__(self) -> None:
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
 
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
+def _cpu_peak_mib(fn) -> float:
+    """Peak RSS growth of one fn() run, measured in a forked child (CPU only).
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.002)
+    The child starts with the parent's pages (model loaded, allocator warm); its ru_maxrss is its
+    own peak, so peak - RSS-at-fork is what this run needed. Measuring in the parent instead reads
+    ~0: memory freed by an earlier run stays mapped and is silently reused.
+    """
+    import resource
 
-    def __enter__(self):
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss())
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: run once, report, leave without running any cleanup of the parent's
+        os.close(r)
+        base = _rss_bytes()
+        fn()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        os.write(w, str(max(0, peak - base)).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as f:
+        out = f.read()
+    os.waitpid(pid, 0)
+    return int(out) / 2**20 if out else float("nan")
 
 
 def _measure(fn, repeats: int, device) -> tuple[float, float]:
@@ -63,12 +64,11 @@ def _measure(fn, repeats: int, device) -> tuple[float, float]:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
         return statistics.median(times), (torch.cuda.max_memory_allocated() - base) / 2**20
-    with _PeakRSS() as mem:
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), (mem.peak - mem.base) / 2**20
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), _cpu_peak_mib(fn)
 
 
 def _load(args):
@@ -111,6 +111,8 @@ def run_bench(args) -> dict[str, Any]:
     from .config import ControllerConfig
     from .decoding import DecodeSettings, _collate, decode_batch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = _load(args)
     lm.eos_token_ids = []  # every run makes exactly N tokens
     n = args.new_tokens

