@@ -34,6 +34,11 @@ def _cpu_peak_mib(fn) -> float:
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: run once, report, leave without running any cleanup of the parent's
+        import torch
+
+        # an OpenMP pool used before fork hangs the child (libgomp); one thread never uses it,
+        # as in PyTorch's own DataLoader workers. Threads do not change what is allocated.
+        torch.set_num_threads(1)
         os.close(r)
         base = _rss_bytes()
         fn()
