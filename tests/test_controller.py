@@ -23,11 +23,11 @@ def test_entropy_is_fp32_for_bf16_logits():
     assert h.dtype == torch.float32 and torch.allclose(h, ref)
 
 
-def run_policy(seq, rule="switch", beta=0.9, delta=0.1, min_explore=16):
+def run_policy(seq, rule="switch", beta=0.9, delta=0.1, min_explore=16, peak_from=0):
     st = PolicyState.new(1)
     alphas, emas = [], []
     for x in seq:
-        a = policy_step(st, torch.tensor([float(x)]), rule, beta, delta, min_explore)
+        a = policy_step(st, torch.tensor([float(x)]), rule, beta, delta, min_explore, peak_from)
         alphas.append(int(a[0]))
         emas.append(float(st.ema[0]))
     return alphas, emas, int(st.peak_step[0])
@@ -138,3 +138,13 @@ def test_controller_select_renumbers_owners():
     kept = st.select(torch.tensor([0, 2]), 3)
     assert kept.owner.tolist() == [0, 1]
     assert kept.pos.tolist() == [0, 3]
+
+
+def test_peak_from_step_ignores_a_high_opening_token():
+    # a chat model: one high-entropy first token, then thinking (rise) and converging (fall)
+    seq = [4.0] + [1.0 + 0.05 * i for i in range(30)] + [0.2] * 30
+    _, emas, peak_spec = run_policy(seq)
+    assert peak_spec == 0  # the specified rule dates the peak at the opening token
+    _, emas2, peak = run_policy(seq, peak_from=16)
+    assert emas2 == emas  # the EMA itself is unchanged
+    assert peak == max(range(16, 32), key=lambda i: emas[i]) and peak > 16

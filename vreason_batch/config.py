@@ -115,6 +115,9 @@ class ControllerConfig(_Strict):
     ema_beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the entropy trend")
     delta: float = Field(0.1, gt=0.0, lt=1.0, description="EMA peak is passed at (1-delta) * running max")
     min_explore_tokens: int = Field(16, ge=0, description="no peak before this many tokens")
+    peak_from_step: int = Field(
+        0, ge=0, description="the EMA running max ignores earlier steps (chat models open with one high-entropy token)"
+    )
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")
     adam_eps: float = Field(1e-8, gt=0.0, description="Adam epsilon")

@@ -52,6 +52,7 @@ def policy_step(
     beta: float = 0.9,
     delta: float = 0.1,
     min_explore_tokens: int = 16,
+    peak_from_step: int = 0,
 ) -> torch.Tensor:
     """Advance the EMA with H_t [B] and return alpha_t [B] (+1 lower entropy, -1 raise it).
 
@@ -64,11 +65,13 @@ def policy_step(
     h = entropy.float()
     first = state.steps == 0
     state.ema = torch.where(first, h, beta * state.ema + (1 - beta) * h)
-    new_max = first | (state.ema > state.max_ema)
+    eligible = state.steps >= peak_from_step
+    new_max = eligible & ((state.steps == peak_from_step) | (state.ema > state.max_ema))
     state.max_ema = torch.where(new_max, state.ema, state.max_ema)
     state.max_step = torch.where(new_max, state.steps, state.max_step)
     passing = (
         (~state.peak_passed)
+        & eligible
         & (state.steps >= min_explore_tokens)
         & (state.ema < (1 - delta) * state.max_ema)
     )

@@ -266,7 +266,7 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
                 else:
                     logits = lm.lm_head()(hidden)[:, -1, :].float()  # [b, V]
                     h = h_post = entropy_from_logits(logits)
-                    alpha = policy_step(policy, h, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens)
+                    alpha = policy_step(policy, h, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens, cc.peak_from_step)
                 next_tok = logits.argmax(dim=-1)  # [b]
 
                 now = time.perf_counter() - t0
@@ -399,7 +399,7 @@ def _controller_update(lm: LoadedModel, cache, capture: _LastLayerInput, ctrl: C
             h = entropy_from_logits(_last_layer_logits(lm, capture, keys, ctrl.effective_values(values, dv)))
             if h_pre is None:
                 h_pre = h.detach()
-                alpha = policy_step(policy, h_pre, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens)
+                alpha = policy_step(policy, h_pre, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens, cc.peak_from_step)
             # samples are independent: the sum gives each dV only its own sample's gradient
             (grad,) = torch.autograd.grad((alpha * h).sum(), dv)
         adam_step(ctrl, grad, active, cc.lr, cc.adam_beta1, cc.adam_beta2, cc.adam_eps)
