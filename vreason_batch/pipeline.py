@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 RUNS_DIR = "_runs"  # run records; the leading underscore makes dataset readers skip them
 FAULT_ENV = "VREASON_BATCH_FAULT_ONCE"  # tests: path of a marker; a model actor dies once
+MAX_INPUT_BLOCKS = 100_000
 
 
 class OutputConflict(ConfigError):
@@ -494,8 +495,11 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
 
     items = [{**s.to_dict(), "modes": modes} for s, modes in plan.pending]
     rt = cfg.runtime
-    # enough blocks that video decoding streams ahead of the model actors in small steps
-    n_blocks = max(1, min(len(items), max(rt.video_workers * 4, len(items) // max(1, rt.batch_size))))
+    # one sample per block (up to a cap for huge corpora): an actor task then spans about one
+    # batch, and results reach the driver, and so the object store, as each batch finishes.
+    # With fewer, larger blocks Ray Data bundles several batches into one task whose output only
+    # appears when the whole task ends, so a killed driver would lose all of it.
+    n_blocks = max(1, min(len(items), MAX_INPUT_BLOCKS))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
     ds = ds.map(
         load_video_row,
