@@ -118,7 +118,7 @@ def _position_ids(lm: LoadedModel, inputs: dict):
     if not lm.is_vl:
         return text
     if "video_grid_thw" in inputs:
-        mm_types = (inputs["input_ids"] == lm.vision.video_token_id).int() * 2  # 2 = video
+        mm_types = _video_selector(lm, inputs).int() * 2  # 2 = video
         vision, _ = lm.model.model.get_rope_index(
             inputs["input_ids"],
             mm_token_type_ids=mm_types,
@@ -232,7 +232,7 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
     traces_a: list[list[int]] = [[] for _ in range(B)]
     finish = ["max_new_tokens"] * B
     latency = [0.0] * B
-    eos = torch.tensor(lm.eos_token_ids, device=lm.device)
+    eos = set(lm.eos_token_ids)
     stop_window = max((len(s) for s in settings.stop_strings), default=0)
 
     policy = PolicyState.new(B, device=lm.device)
@@ -242,7 +242,7 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
     final_updates = [0] * B
 
     try:
-        with torch.inference_mode(False), torch.no_grad():
+        with torch.no_grad():
             # the base model stops at the final hidden state; lm_head is applied only where needed
             hidden = _hidden(lm, inputs, position_ids, cache)
             if settings.mode == "vreason_lite":
@@ -266,19 +266,18 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
                 else:
                     logits = lm.lm_head()(hidden)[:, -1, :].float()  # [b, V]
                     h = h_post = entropy_from_logits(logits)
-                    alpha = policy_step(policy, h, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens, cc.peak_from_step)
+                    alpha = _policy_step(policy, h, cc)
                 next_tok = logits.argmax(dim=-1)  # [b]
 
                 now = time.perf_counter() - t0
                 done_rows = []
-                for r in range(alive.numel()):
-                    i = int(alive[r])
-                    t = int(next_tok[r])
-                    traces_h[i].append(float(h[r]))
-                    traces_hp[i].append(float(h_post[r]))
-                    traces_m[i].append(float(policy.ema[r]))
-                    traces_a[i].append(int(alpha[r]) if updated else 0)
-                    if bool((eos == t).any()):
+                rows = zip(alive.tolist(), next_tok.tolist(), h.tolist(), h_post.tolist(), policy.ema.tolist(), alpha.tolist())
+                for r, (i, t, h_r, hp_r, m_r, a_r) in enumerate(rows):
+                    traces_h[i].append(h_r)
+                    traces_hp[i].append(hp_r)
+                    traces_m[i].append(m_r)
+                    traces_a[i].append(int(a_r) if updated else 0)
+                    if t in eos:
                         finish[i] = "eos"
                     else:
                         out_tokens[i].append(t)
@@ -287,13 +286,11 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
                     if finish[i] != "max_new_tokens" or step == settings.max_new_tokens - 1:
                         latency[i] = now
                         done_rows.append(r)
+                for r in done_rows:
+                    _finalise(r, int(alive[r]), policy, ctrl, final_policy, final_updates)
                 if len(done_rows) == alive.numel():
-                    for r in done_rows:
-                        _finalise(r, int(alive[r]), policy, ctrl, final_policy, final_updates)
                     break
                 if done_rows:
-                    for r in done_rows:
-                        _finalise(r, int(alive[r]), policy, ctrl, final_policy, final_updates)
                     keep = torch.tensor([r for r in range(alive.numel()) if r not in done_rows], device=lm.device)
                     n_before = alive.numel()
                     alive, next_tok, attn = alive[keep], next_tok[keep], attn[keep]
@@ -382,6 +379,10 @@ def _hidden(lm: LoadedModel, inputs: dict, position_ids, cache):
     return out.last_hidden_state[:, -1:, :]
 
 
+def _policy_step(policy: PolicyState, h, cc: ControllerConfig):
+    return policy_step(policy, h, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens, cc.peak_from_step)
+
+
 def _controller_update(lm: LoadedModel, cache, capture: _LastLayerInput, ctrl: ControllerState, policy: PolicyState, cc: ControllerConfig):
     """`steps_per_update` Adam steps on alpha_t * H_t for every sample, then the post-update logits.
 
@@ -399,7 +400,7 @@ def _controller_update(lm: LoadedModel, cache, capture: _LastLayerInput, ctrl: C
             h = entropy_from_logits(_last_layer_logits(lm, capture, keys, ctrl.effective_values(values, dv)))
             if h_pre is None:
                 h_pre = h.detach()
-                alpha = policy_step(policy, h_pre, cc.rule, cc.ema_beta, cc.delta, cc.min_explore_tokens, cc.peak_from_step)
+                alpha = _policy_step(policy, h_pre, cc)
             # samples are independent: the sum gives each dV only its own sample's gradient
             (grad,) = torch.autograd.grad((alpha * h).sum(), dv)
         adam_step(ctrl, grad, active, cc.lr, cc.adam_beta1, cc.adam_beta2, cc.adam_eps)
