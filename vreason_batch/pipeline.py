@@ -207,15 +207,21 @@ def expand_modes(row: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**{k: v for k, v in row.items() if k != "modes"}, "mode": m} for m in modes]
 
 
-def _error_result(row: dict, base: dict, error_type: str, error: str) -> dict:
+def _sample_row(row: dict, base: dict) -> dict:
+    """An output row holding the run's fields and the sample's identity; the rest left null."""
     r = empty_row()
     r.update(base)
     r.update(
         sample_id=row["sample_id"], mode=row["mode"], dataset=row.get("dataset"), video=row.get("video"),
         question=row.get("question"), options=list(row.get("options") or []), problem_type=row.get("problem_type"),
-        answer_gt=row.get("answer_gt"), error_type=error_type, error=error[:2000],
-        created_at=datetime.now(timezone.utc),
+        answer_gt=row.get("answer_gt"), created_at=datetime.now(timezone.utc),
     )
+    return r
+
+
+def _error_result(row: dict, base: dict, error_type: str, error: str) -> dict:
+    r = _sample_row(row, base)
+    r.update(error_type=error_type, error=error[:2000])
     return r
 
 
@@ -310,15 +316,11 @@ class ModelStage:
     def _result_row(self, row: dict, x, o) -> dict:
         from .scoring import extract_answer, score
 
-        pt = row.get("problem_type") or "free_form"
-        opts = list(row.get("options") or [])
-        pred = extract_answer(o.text, pt, opts or None)
-        correct, sc = score(pred, row.get("answer_gt"), pt)
-        r = empty_row()
-        r.update(self.base)
+        r = _sample_row(row, self.base)
+        pt = r["problem_type"] = r["problem_type"] or "free_form"
+        pred = extract_answer(o.text, pt, r["options"] or None)
+        correct, sc = score(pred, r["answer_gt"], pt)
         r.update(
-            sample_id=row["sample_id"], mode=row["mode"], dataset=row.get("dataset"), video=row.get("video"),
-            question=row.get("question"), options=opts, problem_type=pt, answer_gt=row.get("answer_gt"),
             output_text=o.text, answer=pred, correct=correct, score=sc, finish_reason=o.finish_reason,
             entropy=o.entropy, entropy_post=o.entropy_post, entropy_ema=o.entropy_ema, alpha=o.alpha,
             num_prompt_tokens=o.num_prompt_tokens, num_video_tokens=o.num_video_tokens,
@@ -328,7 +330,6 @@ class ModelStage:
             num_frames=len(row.get("frame_indices") or []) or None, video_fps=row.get("video_fps"),
             sampled_fps=row.get("sampled_fps"), video_duration_s=row.get("video_duration_s"),
             frame_height=x.frame_height, frame_width=x.frame_width, latency_s=o.latency_s,
-            created_at=datetime.now(timezone.utc),
         )
         return r
 
