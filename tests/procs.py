@@ -1,6 +1,7 @@
 """Reading the process table from /proc, for tests that must prove the processes they started are gone."""
 
 import os
+import signal
 
 
 def proc_table() -> dict[int, tuple[int, int, str]]:
@@ -21,3 +22,12 @@ def proc_table() -> dict[int, tuple[int, int, str]]:
 def session_pids(sid: int) -> list[int]:
     """Live processes (not zombies) of session `sid`."""
     return [pid for pid, (_, session, state) in proc_table().items() if session == sid and state != "Z"]
+
+
+def kill_pids(pids) -> None:
+    """SIGKILL each pid; one that is already gone is fine."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

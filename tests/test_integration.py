@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import pyarrow.dataset as pads
 import pytest
 import yaml
 
-from procs import proc_table
+from procs import kill_pids, proc_table
 from videos import write_counter_video
 
 pytestmark = pytest.mark.integration
@@ -62,11 +61,7 @@ def tree_and_session(root: int) -> set[int]:
 def kill_tree(proc: subprocess.Popen, wait_s: float = 15.0) -> set[int]:
     """SIGKILL what `ray start --block` started, by pid; returns those still alive after `wait_s`."""
     pids = tree_and_session(proc.pid)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_pids(pids)
     proc.wait()
     deadline = time.monotonic() + wait_s
     alive = pids

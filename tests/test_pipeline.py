@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from procs import session_pids
+from procs import kill_pids, session_pids
 from videos import real_video, write_counter_video, write_empty, write_text_as_mp4, write_truncated
 from vreason_batch import storage
 from vreason_batch.config import Config, config_from_dict
@@ -415,11 +415,7 @@ def _kill_session(proc: subprocess.Popen, wait_s: float) -> list[int]:
     while session_pids(sid) and time.monotonic() < deadline:
         time.sleep(0.2)
     survivors = session_pids(sid)
-    for pid in survivors:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_pids(survivors)
     return survivors
 
 
