@@ -272,7 +272,7 @@ def _eos_ids(model, tokenizer) -> list[int]:
         ids.update(src if isinstance(src, (list, tuple)) else [src])
     for tok in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>"):
         tid = tokenizer.convert_tokens_to_ids(tok)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None and tid >= 0:
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
             ids.add(tid)
     return sorted(ids)
 
