@@ -13,7 +13,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Mode = Literal["greedy", "vreason", "vreason_lite"]
+from .modes import MODE_NAMES  # the decoding modes' one registry
+
+Mode = Literal[MODE_NAMES]  # type: ignore[valid-type]
 Rule = Literal["switch", "always_min", "always_max"]
 
 
