@@ -2,8 +2,8 @@
 
 Nothing here knows about models or files; every function runs on CPU tensors in tests.
 
-Shapes: B = samples in the batch, N = total controlled positions over the batch (dV is stored flat,
-one row per (sample, position) so samples with different numbers of video tokens need no padding).
+Shapes: B = samples in the batch, H / kv_heads = attention / key-value heads of the last layer,
+n = the most controlled positions (video tokens) of any row in the batch, S = cache length.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def policy_step(
 ) -> torch.Tensor:
     """Advance the EMA with H_t [B] and return alpha_t [B] (+1 lower entropy, -1 raise it).
 
-    The project's default rule (`switch`, see VREASON.md): m_0 = H_0, m_t = beta m_{t-1} + (1-beta) H_t;
-    the peak is passed once m_t < (1 - delta) max_s m_s, never before `min_explore_tokens`; before the
+    The project's default rule (`switch`, README "V-Reason, as implemented"): m_0 = H_0,
+    m_t = beta m_{t-1} + (1-beta) H_t; the peak is passed once m_t < (1 - delta) max_s m_s, never before `min_explore_tokens`; before the
     peak alpha = -1 if H_t < m_t else +1 (pull H back toward its trend), after it alpha = +1.
     """
     if rule not in RULES:
@@ -88,54 +88,56 @@ def policy_step(
 
 @dataclass
 class ControllerState:
-    """Per-sample dV with its Adam moments. dV lives only at the controlled positions.
+    """Per-sample dV with its Adam moments, padded to the row with the most controlled positions.
 
-    dv, m, v: [N, kv_heads, head_dim] fp32; owner: [N] sample index of each row; pos: [N] cache
-    position of each row; base: [N, kv_heads, head_dim] the value cache at those positions before any
-    update (so the cache can be rewritten exactly as base + dV); step: [B] Adam step count.
+    dV is never written into the KV cache (a bfloat16 cache would round `base + dV` and quantise
+    the control away); it enters the last layer's attention as `P[:, :, :, pos] @ dV` in float32
+    (`value_delta`). Shapes: dv, m, v [B, kv_heads, n, head_dim] fp32; pos [B, n] cache position
+    of each controlled slot; valid [B, n] (False = padding: its gradient is 0, so its dV stays 0);
+    step [B] Adam steps taken (per-sample bias correction); updates [B] controller updates applied.
     """
 
     dv: torch.Tensor
     m: torch.Tensor
     v: torch.Tensor
-    owner: torch.Tensor
     pos: torch.Tensor
-    base: torch.Tensor
+    valid: torch.Tensor
     step: torch.Tensor
-    updates: torch.Tensor  # [B] controller updates applied (for the output row)
+    updates: torch.Tensor
 
     @classmethod
-    def new(cls, values: torch.Tensor, owner: torch.Tensor, pos: torch.Tensor, batch: int) -> "ControllerState":
-        """values: the last layer's value cache [B, kv_heads, S, head_dim]; owner/pos: [N] long."""
-        base = values.permute(0, 2, 1, 3)[owner, pos].detach().clone()  # [N, kv_heads, head_dim]
-        z = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
-        zb = torch.zeros(batch, dtype=torch.long, device=base.device)
-        return cls(dv=z, m=z.clone(), v=z.clone(), owner=owner, pos=pos, base=base, step=zb, updates=zb.clone())
+    def new(cls, controlled: torch.Tensor, kv_heads: int, head_dim: int) -> "ControllerState":
+        """controlled: [B, S] bool, the cache positions that carry dV in each row."""
+        B = controlled.shape[0]
+        dev = controlled.device
+        counts = controlled.sum(dim=1)  # [B]
+        n = int(counts.max()) if B else 0
+        # stable sort puts each row's controlled positions first, in cache order
+        order = torch.argsort((~controlled).to(torch.int8), dim=1, stable=True)[:, :n]  # [B, n]
+        valid = torch.arange(n, device=dev)[None, :] < counts[:, None]  # [B, n]
+        pos = torch.where(valid, order, torch.zeros_like(order))
+        z = torch.zeros((B, kv_heads, n, head_dim), dtype=torch.float32, device=dev)
+        zb = torch.zeros(B, dtype=torch.long, device=dev)
+        return cls(dv=z, m=z.clone(), v=z.clone(), pos=pos, valid=valid, step=zb, updates=zb.clone())
 
-    def select(self, idx: torch.Tensor, batch_before: int) -> "ControllerState":
-        """Keep samples `idx` (sorted [B'] indices into the current batch) and renumber owners."""
-        remap = torch.full((batch_before,), -1, dtype=torch.long, device=self.owner.device)
-        remap[idx] = torch.arange(idx.numel(), device=self.owner.device)
-        keep = remap[self.owner] >= 0
-        return ControllerState(
-            dv=self.dv[keep], m=self.m[keep], v=self.v[keep], owner=remap[self.owner[keep]],
-            pos=self.pos[keep], base=self.base[keep], step=self.step[idx], updates=self.updates[idx],
-        )
+    def select(self, idx: torch.Tensor) -> "ControllerState":
+        """Keep rows `idx` [B'] (indices into the current batch), in that order."""
+        return ControllerState(*(t[idx] for t in (self.dv, self.m, self.v, self.pos, self.valid, self.step, self.updates)))
 
-    def effective_values(self, values: torch.Tensor, dv: torch.Tensor | None = None) -> torch.Tensor:
-        """values [B, kv_heads, S, head_dim] with base + dV written at the controlled positions.
 
-        Differentiable in `dv`; the cache tensor itself is not modified. Positions are unique, so the
-        index_put is deterministic.
-        """
-        dv = self.dv if dv is None else dv
-        out = values.detach().permute(0, 2, 1, 3).clone()  # [B, S, kv_heads, head_dim]
-        out = out.index_put((self.owner, self.pos), (self.base + dv).to(values.dtype))
-        return out.permute(0, 2, 1, 3)
+def value_delta(probs: torch.Tensor, state: ControllerState, dv: torch.Tensor | None = None) -> torch.Tensor:
+    """dV's share of the attention output: `P[..., pos] @ dV`, in fp32.
 
-    def write_cache(self, values: torch.Tensor) -> None:
-        """Write base + dV into the value cache in place ([B, kv_heads, S, head_dim])."""
-        values.permute(0, 2, 1, 3)[self.owner, self.pos] = (self.base + self.dv).to(values.dtype)
+    probs: [B, H, Q, S] fp32 attention probabilities of the last layer (H = kv_heads * groups; head h
+    reads kv head h // groups, as HF's repeat_kv). Returns [B, H, Q, head_dim] fp32. Differentiable in `dv`.
+    """
+    dv = state.dv if dv is None else dv
+    B, H, Q, _ = probs.shape
+    kv, n, d = dv.shape[1], dv.shape[2], dv.shape[3]
+    idx = state.pos[:, None, None, :].expand(B, H, Q, n)
+    p = probs.gather(-1, idx) * state.valid[:, None, None, :]  # [B, H, Q, n]
+    out = p.reshape(B, kv, (H // kv) * Q, n) @ dv  # [B, kv, groups * Q, head_dim]
+    return out.reshape(B, H, Q, d)
 
 
 def adam_step(
@@ -149,19 +151,18 @@ def adam_step(
 ) -> None:
     """One elementwise Adam step on dV for the samples where `active` [B] is True.
 
-    Per-sample step counts give per-sample bias correction; rows of inactive samples are untouched.
-    With lr = 0 dV stays exactly zero.
+    grad: [B, kv_heads, n, head_dim]. Per-sample step counts give per-sample bias correction; rows of
+    inactive samples are untouched. With lr = 0 dV stays exactly zero.
     """
-    rows = active[state.owner]  # [N]
     state.step = state.step + active.long()
     g = grad.float()
     m = beta1 * state.m + (1 - beta1) * g
     v = beta2 * state.v + (1 - beta2) * g * g
-    t = state.step[state.owner].clamp(min=1).float().view(-1, 1, 1)  # [N, 1, 1]
+    t = state.step.clamp(min=1).float().view(-1, 1, 1, 1)  # [B, 1, 1, 1]
     m_hat = m / (1 - beta1**t)
     v_hat = v / (1 - beta2**t)
     new_dv = state.dv - lr * m_hat / (v_hat.sqrt() + eps)
-    r = rows.view(-1, 1, 1)
+    r = active.view(-1, 1, 1, 1)
     state.m = torch.where(r, m, state.m)
     state.v = torch.where(r, v, state.v)
     state.dv = torch.where(r, new_dv, state.dv)

@@ -7,6 +7,7 @@ token ids, the vision patching constants).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -82,6 +83,118 @@ class LoadedModel:
 
     def lm_head(self):
         return self.model.get_output_embeddings()
+
+    def last_layer_parts(self) -> "LastLayerParts":
+        """The last decoder layer's pieces, for the float32-precision re-implementation in last_layer.py."""
+        return LastLayerParts.of(self)
+
+    def forward_to_last_layer(self, inputs: dict, position_ids, cache):
+        """Run the model up to the INPUT of its last decoder layer.
+
+        The last layer is swapped for a stand-in that records its input and the rotary (cos, sin),
+        so the layer itself never runs here: last_layer.py computes it (and fills its KV cache
+        entry). Earlier layers fill theirs as usual. Returns (hidden [b, T, D], cos [b, T, d], sin).
+        """
+        layers = self.text_model().layers
+        original, capture = layers[-1], _last_layer_input_class()()
+        layers[-1] = capture
+        try:
+            self.model.model(**inputs, position_ids=position_ids, past_key_values=cache, use_cache=True)
+        finally:
+            layers[-1] = original
+        cos, sin = capture.position_embeddings
+        return capture.hidden, cos, sin
+
+    def video_mask(self, inputs: dict):
+        """[B, T] bool: prompt positions holding video tokens (all False for text-only inputs)."""
+        ids = inputs["input_ids"]
+        if self.is_vl and "video_grid_thw" in inputs:
+            return ids == self.vision.video_token_id
+        return ids.new_zeros(ids.shape, dtype=bool)
+
+    def prompt_position_ids(self, inputs: dict):
+        """Prompt positions exactly as HF generate builds them: [4, B, T] (text + 3D mrope) for Qwen-VL, else [B, T]."""
+        import torch
+
+        attn = inputs["attention_mask"]
+        text = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # [B, T]
+        if not self.is_vl:
+            return text
+        if "video_grid_thw" in inputs:
+            vision, _ = self.model.model.get_rope_index(
+                inputs["input_ids"],
+                mm_token_type_ids=self.video_mask(inputs).int() * 2,  # 2 = video
+                video_grid_thw=inputs["video_grid_thw"],
+                second_per_grid_ts=inputs["second_per_grid_ts"],
+                attention_mask=attn,
+            )
+        else:
+            vision = text.unsqueeze(0).expand(3, -1, -1)
+        return torch.cat([text.unsqueeze(0), vision], dim=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _last_layer_input_class():
+    import torch
+
+    class LastLayerInput(torch.nn.Module):
+        """Stands in for the last decoder layer: records its input and rotary embeddings, returns the input."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = None
+            self.position_embeddings = None
+
+        def forward(self, hidden_states, *args, position_embeddings=None, **kwargs):
+            self.hidden, self.position_embeddings = hidden_states, position_embeddings
+            return hidden_states
+
+    return LastLayerInput
+
+
+@dataclass(frozen=True)
+class LastLayerParts:
+    """A Llama / Qwen2 / Qwen2.5-VL style decoder layer (pre-norm attention with RoPE + gated MLP),
+    the final norm and lm_head: everything last_layer.py needs, with the shape facts."""
+
+    input_norm: Any
+    q_proj: Any
+    k_proj: Any
+    v_proj: Any
+    o_proj: Any
+    post_norm: Any
+    gate_proj: Any
+    up_proj: Any
+    down_proj: Any
+    act_fn: Any
+    final_norm: Any
+    lm_head: Any
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    scaling: float
+
+    @classmethod
+    def of(cls, lm: "LoadedModel") -> "LastLayerParts":
+        layer = lm.last_layer()
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        needed = (attn, mlp, getattr(layer, "input_layernorm", None), getattr(layer, "post_attention_layernorm", None))
+        if any(x is None for x in needed) or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+            raise NotImplementedError(f"{type(layer).__name__}: V-Reason needs a Llama/Qwen2-style last decoder layer")
+        for extra in ("q_norm", "k_norm"):
+            if getattr(attn, extra, None) is not None:
+                raise NotImplementedError(f"{type(attn).__name__} normalises q/k ({extra}): not supported by last_layer.py")
+        if getattr(attn, "sliding_window", None):
+            raise NotImplementedError("the last layer uses sliding-window attention: not supported by last_layer.py")
+        cfg = attn.config
+        head_dim = getattr(attn, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            input_norm=layer.input_layernorm, q_proj=attn.q_proj, k_proj=attn.k_proj, v_proj=attn.v_proj,
+            o_proj=attn.o_proj, post_norm=layer.post_attention_layernorm, gate_proj=mlp.gate_proj,
+            up_proj=mlp.up_proj, down_proj=mlp.down_proj, act_fn=mlp.act_fn, final_norm=lm.final_norm(),
+            lm_head=lm.lm_head(), num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim, scaling=float(attn.scaling),
+        )
 
 
 def _require(module: str, extra: str) -> None:
@@ -224,7 +337,7 @@ def build_random_model(arch: str, dtype, device, seed: int = 0, attn_implementat
     torch.manual_seed(seed)
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def _download_s3_prefix(uri: str, cache_dir: str) -> Path:
@@ -332,7 +445,8 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
             model = AutoModelForCausalLM.from_pretrained(str(path), **common)
             vision = None
         tokenizer = load_tokenizer(cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code)
-    model = model.to(device).eval()
+    # inference only: no parameter ever needs a gradient (dV's gradient is taken with autograd.grad)
+    model = model.to(device).eval().requires_grad_(False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return LoadedModel(
         model=model,

@@ -297,11 +297,7 @@ class ModelStage:
         """Decode together; if the batch fails (e.g. out of memory), retry one by one so only the culprit fails."""
         from .decoding import DecodeSettings, decode_batch
 
-        c = self.cfg
-        settings = DecodeSettings(
-            mode=mode, max_new_tokens=c.decoding.max_new_tokens, stop_strings=list(c.decoding.stop_strings),
-            controller=c.controller, prune_ratio=c.lite.prune_ratio,
-        )
+        settings = DecodeSettings.from_config(self.cfg, mode)
         try:
             outs = decode_batch(self.lm, inputs, settings)
             return [self._result_row(r, x, o) for r, x, o in zip(rows, inputs, outs)]
@@ -318,18 +314,14 @@ class ModelStage:
 
         r = _sample_row(row, self.base)
         pt = r["problem_type"] = r["problem_type"] or "free_form"
-        pred = extract_answer(o.text, pt, r["options"] or None)
+        pred = extract_answer(o.output_text, pt, r["options"] or None)
         correct, sc = score(pred, r["answer_gt"], pt)
+        r.update(o.columns())
         r.update(
-            output_text=o.text, answer=pred, correct=correct, score=sc, finish_reason=o.finish_reason,
-            entropy=o.entropy, entropy_post=o.entropy_post, entropy_ema=o.entropy_ema, alpha=o.alpha,
-            num_prompt_tokens=o.num_prompt_tokens, num_video_tokens=o.num_video_tokens,
-            num_video_tokens_kept=o.num_video_tokens_kept, num_output_tokens=o.num_output_tokens,
-            num_think_tokens=o.num_think_tokens, controller_updates=o.controller_updates,
-            ema_peak_step=o.ema_peak_step, frame_indices=row.get("frame_indices") or None,
+            answer=pred, correct=correct, score=sc, frame_indices=row.get("frame_indices") or None,
             num_frames=len(row.get("frame_indices") or []) or None, video_fps=row.get("video_fps"),
             sampled_fps=row.get("sampled_fps"), video_duration_s=row.get("video_duration_s"),
-            frame_height=x.frame_height, frame_width=x.frame_width, latency_s=o.latency_s,
+            frame_height=x.frame_height, frame_width=x.frame_width,
         )
         return r
 

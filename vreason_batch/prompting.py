@@ -194,3 +194,25 @@ def build_text_inputs(
     else:
         ids = tokenizer("\n".join(m["content"] for m in messages) + "\n")["input_ids"]
     return ModelInputs(input_ids=list(ids))
+
+
+def collate(lm, batch: list[ModelInputs]) -> dict:
+    """Left-pad prompts into [B, T] tensors on the model's device; concatenate video patches in batch order."""
+    import torch
+
+    dev = lm.device
+    T = max(len(b.input_ids) for b in batch)
+    ids = torch.full((len(batch), T), lm.pad_token_id, dtype=torch.long)
+    attn = torch.zeros((len(batch), T), dtype=torch.long)
+    for i, b in enumerate(batch):
+        ids[i, T - len(b.input_ids):] = torch.tensor(b.input_ids, dtype=torch.long)
+        attn[i, T - len(b.input_ids):] = 1
+    inputs = {"input_ids": ids.to(dev), "attention_mask": attn.to(dev)}
+    has_video = [b.pixel_values_videos is not None for b in batch]
+    if any(has_video):
+        if not all(has_video):
+            raise ValueError("a batch mixes samples with and without video; batch them separately")
+        inputs["pixel_values_videos"] = torch.cat([b.pixel_values_videos for b in batch]).to(dev, lm.dtype)
+        inputs["video_grid_thw"] = torch.tensor([b.video_grid_thw for b in batch], dtype=torch.long, device=dev)
+        inputs["second_per_grid_ts"] = torch.tensor([b.second_per_grid_t for b in batch], dtype=torch.float32, device=dev)
+    return inputs
