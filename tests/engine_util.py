@@ -28,3 +28,14 @@ def video_inputs(seed: int = 0, t: int = 4, h: int = 112, w: int = 112, question
         lm.tokenizer, lm.vision, random_frames(seed, t, h, w), 2.0, question, ["red", "blue", "green"],
         "multiple_choice", min_pixels=28 * 28 * 4, max_pixels=112 * 112,
     )
+
+
+def decode_settings(mode: str, max_new_tokens: int, stop_strings=(), prune_ratio: float = 0.5, **controller):
+    """DecodeSettings the way the pipeline builds them, from config sections (defaults from config.py)."""
+    from vreason_batch.config import ControllerConfig, DecodingConfig, LiteConfig
+    from vreason_batch.decoding import DecodeSettings
+
+    return DecodeSettings.build(
+        mode, DecodingConfig(max_new_tokens=max_new_tokens, stop_strings=list(stop_strings)),
+        ControllerConfig(**controller), LiteConfig(prune_ratio=prune_ratio),
+    )

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from vreason_batch.controller import ControllerState, PolicyState, adam_step, entropy_from_logits, policy_step
+from vreason_batch.controller import ControllerState, PolicyState, adam_step, entropy_from_logits, policy_step, value_delta
 
 
 def test_entropy_uniform_and_peaked():
@@ -84,14 +84,24 @@ def test_policy_is_per_sample():
     assert st.ema[1].item() == pytest.approx(single.ema[0].item())
 
 
-def _state(values, owner, pos, batch):
-    return ControllerState.new(values, torch.tensor(owner), torch.tensor(pos), batch)
+def _state(rows, S=6, kv=2, d=4):
+    """Controlled positions per row (lists of cache positions) -> a ControllerState."""
+    mask = torch.zeros(len(rows), S, dtype=torch.bool)
+    for b, pos in enumerate(rows):
+        mask[b, pos] = True
+    return ControllerState.new(mask, kv, d)
+
+
+def test_controller_state_pads_rows_to_the_longest():
+    st = _state([[1, 3], [0, 2, 5]])
+    assert st.dv.shape == (2, 2, 3, 4) and st.dv.dtype == torch.float32
+    assert st.valid.tolist() == [[True, True, False], [True, True, True]]
+    assert st.pos[0, :2].tolist() == [1, 3] and st.pos[1].tolist() == [0, 2, 5]
 
 
 def test_adam_matches_torch_adam_and_lr0_is_identity():
     torch.manual_seed(0)
-    values = torch.randn(1, 2, 6, 4)
-    st = _state(values, [0, 0], [1, 3], 1)
+    st = _state([[1, 3]])
     ref = torch.zeros_like(st.dv, requires_grad=True)
     opt = torch.optim.Adam([ref], lr=0.01, betas=(0.9, 0.999), eps=1e-8)
     for _ in range(5):
@@ -100,44 +110,40 @@ def test_adam_matches_torch_adam_and_lr0_is_identity():
         ref.grad = g.clone()
         opt.step()
     assert torch.allclose(st.dv, ref.detach(), atol=1e-7)
-    st0 = _state(values, [0], [2], 1)
+    st0 = _state([[2]])
     adam_step(st0, torch.randn_like(st0.dv), torch.tensor([True]), lr=0.0)
     assert torch.equal(st0.dv, torch.zeros_like(st0.dv))
 
 
 def test_adam_leaves_inactive_samples_alone():
-    values = torch.randn(2, 2, 5, 4)
-    st = _state(values, [0, 1, 1], [1, 2, 4], 2)
+    st = _state([[1], [2, 4]])
     adam_step(st, torch.ones_like(st.dv), torch.tensor([False, True]), lr=0.1)
     assert torch.equal(st.dv[0], torch.zeros_like(st.dv[0]))
-    assert (st.dv[1:] != 0).all()
+    assert (st.dv[1] != 0).all()
     assert st.step.tolist() == [0, 1]
 
 
-def test_effective_values_and_write_cache():
+def test_value_delta_is_dv_weighted_by_attention_at_its_positions():
+    # dense reference: V' = V + dV scattered at the controlled positions; P @ V' - P @ V
     torch.manual_seed(1)
-    values = torch.randn(2, 2, 5, 4)
-    st = _state(values, [0, 1], [3, 1], 2)
-    st.dv = torch.full_like(st.dv, 0.5)
-    eff = st.effective_values(values)
-    assert torch.equal(eff[0, :, 3], values[0, :, 3] + 0.5)
-    assert torch.equal(eff[1, :, 1], values[1, :, 1] + 0.5)
-    untouched = torch.ones(2, 5, dtype=torch.bool)
-    untouched[0, 3] = untouched[1, 1] = False
-    assert torch.equal(eff.permute(0, 2, 1, 3)[untouched], values.permute(0, 2, 1, 3)[untouched])
-    st.write_cache(values)
-    assert torch.equal(values, eff)
-    # rewriting is exact: base + dV, never accumulated
-    st.write_cache(values)
-    assert torch.equal(values, eff)
+    st = _state([[1, 3], [0, 2, 5]])
+    st.dv = torch.randn_like(st.dv) * st.valid[:, None, :, None]  # padding slots stay zero in use
+    heads, S = 4, 6  # 2 query heads per kv head
+    probs = torch.softmax(torch.randn(2, heads, 1, S), dim=-1)
+    dense = torch.zeros(2, 2, S, 4)  # [B, kv, S, d]
+    for b in range(2):
+        for j in range(int(st.valid[b].sum())):
+            dense[b, :, st.pos[b, j]] += st.dv[b, :, j]
+    ref = probs @ dense.repeat_interleave(2, dim=1)  # HF's repeat_kv: head h reads kv head h // 2
+    torch.testing.assert_close(value_delta(probs, st), ref)
 
 
-def test_controller_select_renumbers_owners():
-    values = torch.randn(3, 1, 4, 2)
-    st = _state(values, [0, 1, 1, 2], [0, 1, 2, 3], 3)
-    kept = st.select(torch.tensor([0, 2]), 3)
-    assert kept.owner.tolist() == [0, 1]
-    assert kept.pos.tolist() == [0, 3]
+def test_controller_select_keeps_rows_in_order():
+    st = _state([[0], [1, 2], [3]])
+    st.dv = torch.arange(float(st.dv.numel())).view_as(st.dv)
+    kept = st.select(torch.tensor([2, 0]))
+    assert kept.pos[:, 0].tolist() == [3, 0]
+    assert torch.equal(kept.dv[1], st.dv[0])
 
 
 def test_peak_from_step_ignores_a_high_opening_token():

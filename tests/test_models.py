@@ -4,9 +4,9 @@ import boto3
 import pytest
 import torch
 
-from engine_util import tiny_lm, video_inputs
+from engine_util import decode_settings, tiny_lm, video_inputs
 from vreason_batch.config import ModelConfig
-from vreason_batch.decoding import DecodeSettings, decode_batch
+from vreason_batch.decoding import decode_batch
 from vreason_batch.models import load_model
 
 
@@ -21,7 +21,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _greedy(lm, n=8):
-    return decode_batch(lm, [video_inputs(0)], DecodeSettings(mode="greedy", max_new_tokens=n, stop_strings=[]))[0]
+    return decode_batch(lm, [video_inputs(0)], decode_settings("greedy", n))[0]
 
 
 def test_local_checkpoint_loads_as_qwen25vl_and_decodes_the_same(checkpoint):

