@@ -78,20 +78,13 @@ def _measure(fn, repeats: int, device) -> tuple[float, float]:
 
 def _load(args):
     from .config import ModelConfig
-    from .models import (
-        BUILTIN_TINY, LoadedModel, _vision_spec_from, build_random_model, builtin_tokenizer_dir, load_model,
-        load_tokenizer, resolve_device_dtype,
-    )
+    from .models import BUILTIN_TINY, load_model, load_random_architecture
 
     mcfg = ModelConfig(name_or_path=args.model, device=args.device, dtype=args.dtype)
     if args.arch:
         if not args.random_init:
             raise SystemExit("--arch builds an architecture from its config: add --random-init (no weights are loaded)")
-        device, dtype = resolve_device_dtype(mcfg)
-        model = build_random_model(args.arch, dtype, device)
-        tok = load_tokenizer(builtin_tokenizer_dir())
-        return LoadedModel(model=model, tokenizer=tok, name=f"{args.arch} (random init)", device=device, dtype=dtype,
-                           vision=_vision_spec_from(model), eos_token_ids=[], is_random_init=True)
+        return load_random_architecture(args.arch, mcfg)
     lm = load_model(mcfg)
     if lm.name == BUILTIN_TINY:
         lm.name = f"{BUILTIN_TINY} (random init)"

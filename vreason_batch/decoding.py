@@ -183,9 +183,7 @@ def prefill(lm: LoadedModel, head: LastLayer, batch: list[ModelInputs], settings
     position_ids = lm.prompt_position_ids(inputs)
     video = lm.video_mask(inputs)[:, :-1]
     ids, attn = inputs["input_ids"], inputs["attention_mask"]
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=lm.model.config)
+    cache = lm.new_cache()
     if ids.shape[1] > 1:
         head_inputs = {**inputs, "input_ids": ids[:, :-1], "attention_mask": attn[:, :-1]}
         hidden, cos, sin = lm.forward_to_last_layer(head_inputs, position_ids[..., :-1], cache)

@@ -105,6 +105,12 @@ class LoadedModel:
         cos, sin = capture.position_embeddings
         return capture.hidden, cos, sin
 
+    def new_cache(self):
+        """An empty KV cache for this model (every layer's keys/values [b, kv_heads, S, head_dim])."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
     def video_mask(self, inputs: dict):
         """[B, T] bool: prompt positions holding video tokens (all False for text-only inputs)."""
         ids = inputs["input_ids"]
@@ -338,6 +344,15 @@ def build_random_model(arch: str, dtype, device, seed: int = 0, attn_implementat
     with torch.device(device):
         model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
     return model.eval().requires_grad_(False)
+
+
+def load_random_architecture(arch: str, cfg: ModelConfig) -> LoadedModel:
+    """A named architecture (ARCHS) with random weights and the real Qwen tokenizer, for benchmarks."""
+    device, dtype = resolve_device_dtype(cfg)
+    model = build_random_model(arch, dtype, device, cfg.seed, cfg.attn_implementation)
+    return LoadedModel(model=model, tokenizer=load_tokenizer(builtin_tokenizer_dir()), name=f"{arch} (random init)",
+                       device=device, dtype=dtype, vision=_vision_spec_from(model), eos_token_ids=[],
+                       is_random_init=True)
 
 
 def _download_s3_prefix(uri: str, cache_dir: str) -> Path:
