@@ -156,3 +156,45 @@ def test_always_max_raises_entropy(lm, prompts, greedy):
     out = decode_batch(lm, prompts, settings("vreason", lr=LR, update_every=1, rule="always_max"))
     diffs = [mean(v.entropy_post) - mean(g.entropy) for g, v in zip(greedy, out)]
     assert mean(diffs) > 1e-3, diffs
+
+
+# --- bfloat16: the same weights cast; the controller must act as it does in float32 -------------------
+
+def _shared_context_effect(runs, greedy_runs):
+    """Mean entropy of the chosen-from logits minus greedy's, over the tokens both decode from the
+    same text (up to and including the first changed token; after it the texts differ)."""
+    diffs = []
+    for v, g in zip(runs, greedy_runs):
+        n = next((i + 1 for i, (a, b) in enumerate(zip(v.token_ids, g.token_ids)) if a != b), len(v.entropy_post))
+        diffs += [a - b for a, b in zip(v.entropy_post[:n], g.entropy_post[:n])]
+    return mean(diffs)
+
+
+@pytest.fixture(scope="module")
+def bf16_runs(lm, prompts):
+    import copy
+
+    low = copy.copy(lm)
+    low.model, low.dtype = copy.deepcopy(lm.model).to(torch.bfloat16), torch.bfloat16
+    runs = {name: decode_batch(low, prompts, settings(mode, **kw)) for name, mode, kw in (
+        ("greedy", "greedy", {}),
+        ("lr0", "vreason", {"lr": 0.0, "update_every": 1, "rule": "always_min"}),
+        ("min", "vreason", {"lr": LR, "update_every": 1, "rule": "always_min"}),
+        ("max", "vreason", {"lr": LR, "update_every": 1, "rule": "always_max"}),
+    )}
+    del low
+    return runs
+
+
+def test_bfloat16_lr0_is_greedy(bf16_runs):
+    for z, g in zip(bf16_runs["lr0"], bf16_runs["greedy"]):
+        assert z.token_ids == g.token_ids and z.entropy_post == g.entropy_post
+
+
+def test_bfloat16_controller_effect_matches_float32(lm, prompts, greedy, always_min, bf16_runs):
+    f32_max = decode_batch(lm, prompts, settings("vreason", lr=LR, update_every=1, rule="always_max"))
+    for f32_runs, name, sign in ((always_min, "min", -1), (f32_max, "max", 1)):
+        f32 = _shared_context_effect(f32_runs, greedy)
+        bf16 = _shared_context_effect(bf16_runs[name], bf16_runs["greedy"])
+        assert f32 * sign > 0 and bf16 * sign > 0, (name, f32, bf16)
+        assert 0.5 <= bf16 / f32 <= 2.0, (name, f32, bf16)
