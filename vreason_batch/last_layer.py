@@ -35,25 +35,36 @@ _CHUNK_ELEMENTS = 1 << 24
 _cuda_out_dtype: bool | None = None  # whether torch.mm(..., out_dtype=float32) works here
 
 
-def _mm_out32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-    """x [M, K] fp32 @ w [K, N] (bf16/fp16) with fp32 output via one low-precision GEMM, or None.
+def hi_lo_gemm(x: torch.Tensor, w: torch.Tensor, gemm) -> torch.Tensor:
+    """x [M, K] fp32 @ w [K, N] (bf16/fp16) via one low-precision GEMM with fp32 output.
 
     x is split into hi + lo in w's dtype (hi = round(x), lo = round(x - hi)), which keeps about 16
-    of fp32's 24 mantissa bits, and both halves go through the same GEMM: the weight is read once.
+    of fp32's 24 mantissa bits; both halves go through the same GEMM, so the weight is read once.
+    gemm(a [2M, K], w) -> fp32 [2M, N].
     """
+    hi = x.to(w.dtype)
+    lo = (x - hi.float()).to(w.dtype)
+    out = gemm(torch.cat([hi, lo]), w)
+    return out[: x.shape[0]] + out[x.shape[0]:]
+
+
+def _cuda_gemm_out32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, w, out_dtype=torch.float32)
+
+
+def _mm_out32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """The CUDA fast path of `_matmul32`, or None where it is not available."""
     global _cuda_out_dtype
     if x.device.type != "cuda" or _cuda_out_dtype is False:
         return None
-    hi = x.to(w.dtype)
-    lo = (x - hi.float()).to(w.dtype)
     try:
-        out = torch.mm(torch.cat([hi, lo]), w, out_dtype=torch.float32)  # [2M, N]
+        out = hi_lo_gemm(x, w, _cuda_gemm_out32)
     except (RuntimeError, TypeError) as e:  # an older torch / GPU without the fp32-output GEMM
         log.warning("fp32-output GEMM unavailable (%s); upcasting weights in chunks instead", e)
         _cuda_out_dtype = False
         return None
     _cuda_out_dtype = True
-    return out[: x.shape[0]] + out[x.shape[0]:]
+    return out
 
 
 def _matmul32(x: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:
