@@ -146,7 +146,9 @@ class ModelStage:
 
         c = self.cfg
         if self.lm.is_vl and row.get("frames_shape"):
-            frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
+            # bytearray: a writable [T, H, W, 3] uint8 array; torch.from_numpy warns on (and must
+            # not write into) the read-only buffer that np.frombuffer gives over `bytes`
+            frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
             return build_video_inputs(
                 self.lm.tokenizer, self.lm.vision, frames, row.get("sampled_fps") or 2.0, row["question"],
                 row.get("options") or None, row.get("problem_type") or "free_form", c.decoding.prompt,
