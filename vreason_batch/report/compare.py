@@ -230,7 +230,8 @@ def _plot_tradeoff(overall: dict[str, dict], colors: dict[str, str]) -> bytes:
                     color=colors[arm], markersize=7, capsize=3, markeredgecolor="black", markeredgewidth=0.6,
                     label=f"{arm}: {100 * y:.1f}% at {x:.1f} tokens (n={m['n_scored']})")
     ax.set_xlim(min(xs) - 0.15 * span, max(xs) + 0.15 * span)
-    ax.set_xlabel("mean output tokens per sample")
+    dodged = any(n > 1 for n in seen.values())
+    ax.set_xlabel("mean output tokens per sample" + (" (coinciding points drawn side by side)" if dodged else ""))
     ax.set_ylabel("accuracy")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2 if len(points) > 4 else 1, fontsize=8, frameon=False)
