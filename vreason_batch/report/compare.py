@@ -249,7 +249,9 @@ def _plot_tokens(tokens: dict[str, np.ndarray], colors: dict[str, str]) -> bytes
     if not present:
         _placeholder(ax, "no successful rows")
         return _png(fig)
-    bp = ax.boxplot(list(present.values()), patch_artist=True, showmeans=True, widths=0.6)
+    bp = ax.boxplot(list(present.values()), patch_artist=True, showmeans=True, widths=0.6,
+                    medianprops={"color": "black", "linewidth": 1.5},
+                    meanprops={"marker": "^", "markerfacecolor": "white", "markeredgecolor": "black"})
     for patch, arm in zip(bp["boxes"], present):
         patch.set_facecolor(colors[arm])
         patch.set_alpha(0.55)
