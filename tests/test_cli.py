@@ -142,7 +142,7 @@ def test_config_that_is_not_yaml_exits_2(tmp_path, capsys):
         (None, "manifest not found: {m}"),
         ('{"video": "a.mp4", "question": "q"}\n{"video": "b.mp4", "question": \n', "line 2 is not valid JSON"),
         ("", "has no rows"),
-        ('{"clip": "a.mp4", "question": "q"}\n', "has no video column 'video' (set input.columns.video)"),
+        ('{"clip": "a.mp4", "question": "q"}\n', "has no video column 'video' (set input.columns.video; for text questions to a text model set input.text_only: true)"),
         (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
     ],
     ids=["missing", "broken-json", "empty", "no-video-column", "binary"],
@@ -173,3 +173,16 @@ def test_job_entrypoint_is_the_run_command(job, tmp_path, capsys, monkeypatch):
         runpy.run_path(str(Path(cli.__file__).parents[1] / "jobs" / "vreason_job.py"), run_name="__main__")
     assert done.value.code == 0
     assert printed_plan(capsys)["pairs_total"] == 3
+
+
+@pytest.mark.parametrize("model, exit_code", [("/models/qwen2.5-coder.Q4_K_M.gguf", 0), ("builtin:smollm2-135m-instruct", 0),
+                                              ("builtin:tiny-qwen2.5-vl", EXIT_USAGE)])
+def test_text_questions_for_a_text_model_need_no_setting(tmp_path, capsys, model, exit_code):
+    manifest = tmp_path / "questions.jsonl"
+    manifest.write_text('{"id": "q1", "question": "What is 2 + 3?", "answer": "5", "problem_type": "numerical"}\n')
+    data = {"input": {"manifest": str(manifest)}, "output": {"uri": str(tmp_path / "out")}, "model": {"name_or_path": model}}
+    assert main(["validate", write_config(tmp_path, data)]) == exit_code
+    if exit_code == 0:
+        assert printed_plan(capsys)["pairs_pending"] == 2
+    else:  # a video model: the error says what to set
+        assert "input.text_only: true" in capsys.readouterr().err

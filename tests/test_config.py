@@ -6,7 +6,8 @@ import pytest
 
 from vreason_batch.config import ConfigError, config_from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(CONFIGS_DIR.rglob("*.yaml"))  # configs/benchmarks/ included
 MIN = {"input": {"manifest": "m.jsonl"}, "output": {"uri": "out"}}
 
 
@@ -14,8 +15,9 @@ def test_there_are_configs():
     assert any(p.name == "demo.yaml" for p in CONFIGS)
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_validates(path):
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS_DIR)))
+def test_every_config_validates(path, monkeypatch):
+    monkeypatch.setenv("VIDEO_R1_DATA", "/data/video-r1")  # the benchmark configs' one setting
     cfg = load_config(path)
     assert cfg.decoding.modes and cfg.output.uri
 
@@ -72,3 +74,38 @@ def test_missing_and_non_mapping_files(tmp_path):
     p.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(p)
+
+
+@pytest.mark.parametrize(
+    "model, text_only",
+    [("/models/qwen.gguf", True), ("builtin:smollm2-135m-instruct", True), ("builtin:tiny-qwen2.5-vl", False),
+     ("Qwen/Qwen2.5-VL-7B-Instruct", False)],  # a hub id is not looked up: video, as before
+)
+def test_text_only_follows_the_model_when_unset(model, text_only):
+    assert config_from_dict(MIN, [f"model.name_or_path={model}"]).input.text_only is text_only
+
+
+def test_text_only_from_a_local_checkpoints_config_json(tmp_path):
+    import json
+
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (tmp_path / "vl").mkdir()
+    (tmp_path / "vl" / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl", "vision_config": {}}))
+    assert config_from_dict(MIN, [f"model.name_or_path={tmp_path / 'text'}"]).input.text_only is True
+    assert config_from_dict(MIN, [f"model.name_or_path={tmp_path / 'vl'}"]).input.text_only is False
+    # an explicit value wins
+    explicit = config_from_dict(MIN, [f"model.name_or_path={tmp_path / 'text'}", "input.text_only=false"])
+    assert explicit.input.text_only is False
+
+
+def test_environment_references(monkeypatch):
+    data = {"input": {"manifest": "${ROOT_X}/eval.json", "video_root": "${ROOT_X}"}, "output": {"uri": "out"}}
+    monkeypatch.setenv("ROOT_X", "s3://bucket/r1")
+    cfg = config_from_dict(data)
+    assert (cfg.input.manifest, cfg.input.video_root) == ("s3://bucket/r1/eval.json", "s3://bucket/r1")
+    monkeypatch.delenv("ROOT_X")
+    with pytest.raises(ConfigError, match=r"input.manifest: the config uses \$\{ROOT_X\}; set that environment variable"):
+        config_from_dict(data)
+    # an override replaces the reference before it is expanded
+    assert config_from_dict(data, ["input.manifest=m.jsonl", "input.video_root=/v"]).input.video_root == "/v"

@@ -353,5 +353,6 @@ def test_text_only_rows_need_no_video(tmp_path):
     ok = read_samples(InputConfig(manifest=str(m), text_only=True)).samples
     assert ok[0].error_type is None and ok[0].video == ""
     # without text_only, a manifest with no video column at all is unusable: fail fast
-    with pytest.raises(ManifestError, match="no video column"):
+    with pytest.raises(ManifestError, match="no video column") as e:
         read_samples(InputConfig(manifest=str(m)))
+    assert "input.text_only: true" in str(e.value)

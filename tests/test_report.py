@@ -355,3 +355,78 @@ def test_s3_round_trip(s3_bucket):
     for name in report.PLOT_FILES:
         assert_png(f"{out}/{name}")
     assert not math.isnan(summary["overall"]["greedy"]["latency_s"]["mean"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs compared (report OUT_A OUT_B ...)
+
+
+def test_wilson_interval():
+    from vreason_batch.report.compare import wilson_interval
+
+    lo, hi = wilson_interval(7, 48)
+    assert (round(lo, 4), round(hi, 4)) == (0.0725, 0.2717)  # k=7, n=48, z=1.96 (by hand: 0.17208 -+ 0.09960)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert wilson_interval(0, 0) is None
+
+
+def second_run(tmp_path):
+    """Run B: only greedy and vreason on mvbench; s0 failed, s1's vreason answer now wrong and
+    longer, a sample (s9) that run A does not have."""
+    rows = []
+    for sample_id, (n_g, c_g), (n_v, c_v) in [
+        ("s1", (121, False), (91, False)), ("s2", (81, False), (41, False)), ("s3", (101, True), (51, True)),
+        ("s9", (11, True), (11, True)),
+    ]:
+        rows.append(ok_row("mvbench", sample_id, "greedy", n_g, c_g, float(c_g)))
+        rows.append(ok_row("mvbench", sample_id, "vreason", n_v, c_v, float(c_v)))
+    rows.append(failed_row("mvbench", "s0", "vreason", "decode_error"))
+    for r in rows:
+        r["run_id"] = "run-b"
+    root = tmp_path / "output_b"
+    root.mkdir()
+    pq.write_table(rows_to_table(rows), root / "part-0.parquet")
+    return root
+
+
+def test_compare_pairs_by_sample_and_keeps_mode_order(run_dir, tmp_path):
+    from vreason_batch.report.compare import compare_runs
+
+    run_b = second_run(tmp_path)
+    cols = list(report.summaries.SUMMARY_COLUMNS)
+    result = compare_runs([("A", report.load_results(str(run_dir), cols)), ("B", report.load_results(str(run_b), cols))])
+    assert [a["arm"] for a in result["arms"]] == [
+        "A / greedy", "A / vreason", "A / vreason_lite", "B / greedy", "B / vreason"]
+    assert result["reference_arm"] == "A / greedy"
+    mv = result["datasets"]["mvbench"]
+    # own figures: run B's vreason has 4 ok rows, 2 of them right
+    assert (mv["B / vreason"]["n_scored"], mv["B / vreason"]["n_correct"], mv["B / vreason"]["n_failed"]) == (4, 2, 1)
+    # paired: the samples every mvbench arm scored: s1 and s2 (s0 failed in B, s3's lite failed in A, s9 not in A)
+    assert {m["paired"]["n_paired"] for m in mv.values()} == {2}
+    assert mv["A / vreason"]["paired"]["accuracy"] == 0.5 and mv["B / vreason"]["paired"]["accuracy"] == 0.0
+    assert mv["B / vreason"]["paired"]["accuracy_delta_pts"] == 0.0  # A's greedy got s1 and s2 wrong too
+    assert mv["A / vreason"]["paired"]["n_changed_score"] == 1
+    # tokens on s1 + s2: greedy 121 + 81, B's vreason 91 + 41
+    assert mv["B / vreason"]["paired"]["tokens_delta_pct"] == pytest.approx(100 * (132 / 202 - 1))
+    # a dataset only run A has: its arms only
+    assert set(result["datasets"]["videomme"]) == {"A / greedy", "A / vreason", "A / vreason_lite"}
+    assert mv["A / vreason"]["ms_per_token"] == pytest.approx(20.0)
+
+
+def test_report_cli_one_output_and_several(run_dir, tmp_path):
+    from vreason_batch.cli import main
+
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "single")]) == 0
+    assert (tmp_path / "single" / "summary.json").is_file() and not (tmp_path / "single" / "comparison.json").exists()
+
+    run_b = second_run(tmp_path)
+    out = tmp_path / "compared"
+    assert main(["report", str(run_dir), str(run_b), "--out", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert [r["label"] for r in result["runs"]] == ["output", "output_b"]
+    for name in ("compare_ema_curves.png", "compare_accuracy_vs_tokens.png", "compare_tokens.png"):
+        assert_png(out / name)
+    md = (out / "comparison.md").read_text()
+    assert "| all | output / greedy |" in md and "Wilson" in md
+    assert main(["report", str(run_dir), str(run_b), "--out", str(out), "--label", "only-one"]) == 2
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2

@@ -297,3 +297,72 @@ def test_truncated_files_raise_rather_than_crash(tmp_path):
     assert set(results) == set(paths)
     bad = {p: r for p, r in results.items() if r != "video_unreadable"}
     assert not bad, f"truncated files not reported as video_unreadable: {bad}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files: read as a one-frame still video
+
+
+def _write_image(path: Path, fmt: str, width: int = 40, height: int = 30) -> np.ndarray:
+    from PIL import Image
+
+    rgb = np.zeros((height, width, 3), dtype=np.uint8)
+    rgb[: height // 2, :, 0] = 200  # top half red, bottom half blue: orientation and channel order
+    rgb[height // 2 :, :, 2] = 180
+    Image.fromarray(rgb).save(path, format=fmt)
+    return rgb
+
+
+@pytest.mark.parametrize("fmt, suffix", [("PNG", ".png"), ("JPEG", ".jpg"), ("WEBP", ".webp")])
+def test_image_is_a_one_frame_still_video(tmp_path, fmt, suffix):
+    rgb = _write_image(tmp_path / f"img{suffix}", fmt)
+    clip = load_clip(str(tmp_path / f"img{suffix}"), cfg())
+    assert clip.media_type == "image_as_video"
+    assert clip.frames.shape == (1, 30, 40, 3) and clip.frames.dtype == np.uint8
+    tolerance = 0 if fmt == "PNG" else 12  # lossy codecs move the levels a little
+    assert np.abs(clip.frames[0].astype(int) - rgb.astype(int)).mean() <= tolerance
+    assert clip.frame_indices == [0] and (clip.height, clip.width) == (30, 40)
+    fields = clip.row_fields()
+    assert fields["media_type"] == "image_as_video" and fields["frame_indices"] == [0]
+    assert fields["video_fps"] is None and fields["video_duration_s"] is None
+
+
+def test_video_row_fields_say_video(counter30):
+    fields = load_clip(str(counter30), cfg(num_frames=4)).row_fields()
+    assert fields["media_type"] == "video" and fields["video_fps"] == pytest.approx(10.0)
+    assert fields["video_duration_s"] == pytest.approx(3.0) and len(fields["frame_indices"]) == 4
+
+
+def test_image_named_like_a_video_and_video_named_like_an_image(tmp_path, counter30):
+    # the bytes decide, not the extension
+    _write_image(tmp_path / "still.mp4", "PNG")
+    assert load_clip(str(tmp_path / "still.mp4"), cfg()).media_type == "image_as_video"
+    (tmp_path / "clip.jpg").write_bytes(counter30.read_bytes())
+    assert load_clip(str(tmp_path / "clip.jpg"), cfg(num_frames=2)).media_type == "video"
+
+
+def test_large_image_is_downscaled_and_too_large_is_rejected(tmp_path):
+    _write_image(tmp_path / "big.png", "PNG", width=400, height=300)
+    clip = load_clip(str(tmp_path / "big.png"), cfg(min_pixels=28 * 28, max_pixels=28 * 28 * 10))
+    h, w = clip.frames.shape[1:3]
+    assert h * w <= 4 * 28 * 28 * 10 and abs(w / h - 4 / 3) < 0.05  # DECODE_PIXELS_HEADROOM x budget
+    err = _error(str(tmp_path / "big.png"), cfg(max_source_pixels=400 * 300 - 1))
+    assert err.error_type == "video_too_large" and "400x300" in str(err)
+
+
+def test_neither_video_nor_image_and_broken_image(tmp_path):
+    (tmp_path / "notes.jpg").write_text("plain text, not a picture\n" * 20)
+    err = _error(str(tmp_path / "notes.jpg"))
+    assert err.error_type == "video_unreadable" and "neither a recognised video container nor an image" in str(err)
+    _write_image(tmp_path / "whole.png", "PNG", width=200, height=150)
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
+    err = _error(str(tmp_path / "cut.png"))
+    assert err.error_type == "video_unreadable" and "cannot be decoded" in str(err)
+
+
+def test_image_from_s3(tmp_path, s3_bucket):
+    _write_image(tmp_path / "img.png", "PNG")
+    uri = f"s3://{s3_bucket}/images/img.png"
+    storage.write_bytes(uri, (tmp_path / "img.png").read_bytes())
+    assert load_clip(uri, cfg()).frames.shape == (1, 30, 40, 3)

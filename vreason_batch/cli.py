@@ -1,4 +1,4 @@
-"""vreason-batch run | report | bench | validate | demo-manifest | reasoning-manifest.
+"""vreason-batch run | sweep | report | bench | validate | demo-manifest | reasoning-manifest.
 
 Config and manifest problems fail here, with a message and exit code 2, before any cluster work.
 """
@@ -31,9 +31,22 @@ def parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="validate a config and its manifest, print the plan size")
     _add_run_args(val)
 
-    rep = sub.add_parser("report", help="summaries and plots from a run's Parquet output")
-    rep.add_argument("output_uri", help="the run's output.uri (local dir or s3://)")
-    rep.add_argument("--out", required=True, help="directory for summary.json, report.md/.html and PNGs")
+    sw = sub.add_parser("sweep", help="one run per combination of --grid values, each into its own prefix")
+    _add_run_args(sw)
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                    help="a dotted key and its values, e.g. --grid controller.lr=0,1e-3,1e-2 (repeatable)")
+    sw.add_argument("--dry-run", action="store_true", help="print the cells and their plans; run nothing")
+    sw.add_argument("--only", action="append", default=None, metavar="CELL",
+                    help="run only this cell (its prefix name; repeatable): a sweep split over sessions")
+    sw.add_argument("--report", default=None, metavar="DIR",
+                    help="write the comparison report of all cells here (default: OUTPUT_URI/_report)")
+    sw.add_argument("--no-report", action="store_true", help="do not write the comparison report")
+
+    rep = sub.add_parser("report", help="summaries and plots of one run, or several runs compared")
+    rep.add_argument("output_uri", nargs="+", help="output.uri of a run (local dir or s3://); several: compared")
+    rep.add_argument("--out", required=True, help="directory for the report files and PNGs")
+    rep.add_argument("--label", action="append", default=None, metavar="NAME",
+                     help="names of the compared runs, in order (default: their last path segments)")
 
     b = sub.add_parser("bench", help="decode speed and memory per mode (prints figures)")
     b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
@@ -100,11 +113,70 @@ def cmd_validate(args) -> int:
     return cmd_run(args)
 
 
-def cmd_report(args) -> int:
-    from .report import write_report
+def cmd_sweep(args) -> int:
+    import yaml
 
-    summary = write_report(args.output_uri, args.out)
-    print(json.dumps(summary.get("overall", summary), indent=2, default=str))
+    from .config import ConfigError
+    from .manifest import ManifestError
+    from .sweep import comparison_runs, plan_sweep, run_sweep
+
+    try:
+        with open(args.config) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"config file not readable: {args.config}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {args.config} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {args.config} must be a YAML mapping")
+    base, cells = plan_sweep(data, args.overrides, args.grid)
+    if args.only:
+        unknown = sorted(set(args.only) - {c.name for c in cells})
+        if unknown:
+            raise ConfigError(f"--only {unknown}: no such cell; cells: {[c.name for c in cells]}")
+    try:
+        if args.dry_run:
+            from .pipeline import plan_run
+
+            for c in cells:
+                plan = plan_run(c.config, overwrite=args.overwrite, dry_run=True)
+                print(json.dumps({"cell": c.name, "output_uri": c.config.output.uri, "modes": c.config.decoding.modes,
+                                  "pairs_done": plan.num_pairs_done, "pairs_pending": plan.num_pairs_pending,
+                                  "config_hash": plan.config_hash}))
+            return 0
+        status = run_sweep(base, cells, args.grid, overwrite=args.overwrite, only=args.only)
+    except ManifestError as e:
+        print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"[vreason-batch] sweep done: {json.dumps(status)}", flush=True)
+    if not args.no_report:
+        from . import storage
+        from .report import write_comparison
+
+        out = args.report or storage.join(base.output.uri, "_report")
+        write_comparison(comparison_runs(cells), out)
+        print(f"[vreason-batch] comparison of {len(cells)} cells written to {out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import NoResults, write_comparison, write_report
+    from .report.compare import run_labels
+
+    try:
+        if len(args.output_uri) == 1 and not args.label:
+            summary = write_report(args.output_uri[0], args.out)
+            print(json.dumps(summary.get("overall", summary), indent=2, default=str))
+        else:
+            labels = args.label or run_labels(args.output_uri)
+            if len(labels) != len(args.output_uri) or len(set(labels)) != len(labels):
+                print("vreason-batch: give one distinct --label per output", file=sys.stderr)
+                return EXIT_USAGE
+            result = write_comparison(list(zip(labels, args.output_uri)), args.out)
+            print(json.dumps(result["datasets"].get("all", {}), indent=2, default=str))
+    except NoResults as e:
+        print(f"vreason-batch: {e}", file=sys.stderr)
+        return EXIT_USAGE
     print(f"[vreason-batch] report written to {args.out}")
     return 0
 
@@ -140,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    handlers = {"run": cmd_run, "validate": cmd_validate, "report": cmd_report, "bench": cmd_bench,
+    handlers = {"run": cmd_run, "validate": cmd_validate, "sweep": cmd_sweep, "report": cmd_report, "bench": cmd_bench,
                 "demo-manifest": cmd_demo_manifest, "reasoning-manifest": cmd_reasoning_manifest}
     try:
         return handlers[args.cmd](args)

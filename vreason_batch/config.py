@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,7 +61,11 @@ class InputConfig(_Strict):
     columns: ColumnMap = Field(default_factory=ColumnMap, description="manifest column names")
     annotate: AnnotateConfig | None = Field(None, description="annotation mode instead of a manifest")
     limit: int | None = Field(None, ge=1, description="only the first N samples (after de-duplication)")
-    text_only: bool = Field(False, description="rows carry no video (text questions for a text LM)")
+    text_only: bool | None = Field(
+        None,
+        description="rows carry no video (text questions for a text LM); null = true when the model cannot"
+        " take video (a .gguf file, builtin:smollm2-135m-instruct, a local checkpoint without a vision tower)",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> "InputConfig":
@@ -98,7 +104,9 @@ class DecodingConfig(_Strict):
     modes: list[Mode] = Field(["greedy", "vreason"], min_length=1, description="one output row per sample per mode")
     max_new_tokens: int = Field(1024, ge=1, description="hard cap on generated tokens")
     stop_strings: list[str] = Field(["</answer>"], description="stop once the output ends with one of these")
-    prompt: Literal["reasoning", "plain"] = Field("reasoning", description="prompt template")
+    prompt: Literal["reasoning", "plain", "video_r1"] = Field(
+        "reasoning", description="prompt template: reasoning (<think>/<answer>), plain, or video_r1 (Video-R1's eval prompt)"
+    )
     system_prompt: str = Field("You are a helpful assistant.", description="system message")
 
     @field_validator("modes")
@@ -183,6 +191,61 @@ class Config(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")  # the checkpoints models.py loads with their vision tower
+
+
+def model_takes_video(name_or_path: str) -> bool | None:
+    """Whether the model named can read video: True / False when the name tells, else None.
+
+    A .gguf file loads as a text LM; the built-ins are known; a local checkpoint directory says it
+    in its config.json. A hub id or an s3:// prefix is not looked up here (no network at the edge).
+    """
+    name = name_or_path.strip()
+    if name.endswith(".gguf") or name == "builtin:smollm2-135m-instruct":
+        return False
+    if name == "builtin:tiny-qwen2.5-vl":
+        return True
+    config_json = Path(os.path.expanduser(name)) / "config.json"
+    if "://" not in name and config_json.is_file():
+        try:
+            hf = json.loads(config_json.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return hf.get("model_type") in VL_MODEL_TYPES or "vision_config" in hf
+    return None
+
+
+def resolve_text_only(cfg: Config) -> Config:
+    """input.text_only left null: true when the model cannot take video, else false."""
+    if cfg.input.text_only is None:
+        cfg.input.text_only = model_takes_video(cfg.model.name_or_path) is False
+    return cfg
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(data: Any, where: str = "") -> Any:
+    """Replace `${NAME}` in every string of a raw config with the environment variable NAME.
+
+    So that a shipped config names its one site-specific value (a data root) once; an unset
+    variable is a ConfigError naming it, never an empty path.
+    """
+    if isinstance(data, dict):
+        return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(data)]
+    if isinstance(data, str):
+        def sub(m: re.Match) -> str:
+            value = os.environ.get(m.group(1))
+            if value is None:
+                raise ConfigError(f"{where}: the config uses ${{{m.group(1)}}}; set that environment variable")
+            return value
+
+        return _ENV_REF.sub(sub, data)
+    return data
+
+
 def _parse_value(raw: str) -> Any:
     """`--set` values are YAML scalars / lists: `1e-3`, `true`, `[greedy, vreason]`, `null`."""
     try:
@@ -221,11 +284,13 @@ def _format_validation(err: ValidationError) -> str:
 
 
 def config_from_dict(data: dict, overrides: list[str] | None = None) -> Config:
-    data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
+    """Validate a raw config after `--set` overrides and `${ENV}` references are applied."""
+    data = expand_env(apply_overrides(json.loads(json.dumps(data)), overrides or []))
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_validation(e)) from None
+    return resolve_text_only(cfg)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:

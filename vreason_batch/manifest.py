@@ -346,9 +346,10 @@ def _read_manifest(cfg: InputConfig) -> tuple[list[Sample], int, str]:
         name = getattr(cols, role)
         if name not in present:
             found = ", ".join(sorted(str(c) for c in present))
-            raise ManifestError(
-                f"manifest {uri} has no {role} column {name!r} (set input.columns.{role}); columns found: {found}"
-            )
+            hint = f"set input.columns.{role}"
+            if role == "video":
+                hint += "; for text questions to a text model set input.text_only: true"
+            raise ManifestError(f"manifest {uri} has no {role} column {name!r} ({hint}); columns found: {found}")
 
     base = cfg.video_root if cfg.video_root is not None else _manifest_dir(uri)
     dataset = _dataset_name(uri)

@@ -31,6 +31,25 @@ PLAIN_HINTS = {
     "free_form": "Answer briefly.",
 }
 
+# Video-R1's evaluation prompt (src/r1-v eval_bench.py, as published with the eval_<benchmark>.json
+# files): the question, "Options:" and the options as written, a think-then-answer instruction and
+# a per-type answer hint. Transcribed from the Video-R1 repository; check it against the version
+# you compare with before publishing numbers.
+VIDEO_R1_QUESTION = (
+    "{question}\nPlease think about this question as if you were a human pondering deeply. Engage in an "
+    "internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', 'oh, I see', 'let's break it "
+    "down', etc, or other natural language thought expressions It's encouraged to include self-reflection or "
+    "verification in the reasoning process. Provide your detailed reasoning between the <think> </think> tags, "
+    "and then give your final answer between the <answer> </answer> tags."
+)
+VIDEO_R1_HINTS = {
+    "multiple_choice": " Please provide only the single option letter (e.g., A, B, C, D, etc.) within the <answer> </answer> tags.",
+    "numerical": " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    "regression": " Please provide the numerical value (e.g., 42 or 3.14) within the <answer> </answer> tags.",
+    "free_form": " Please provide your text answer within the <answer> </answer> tags.",
+}
+TEMPLATES = ("reasoning", "plain", "video_r1")
+
 
 @dataclass
 class ModelInputs:
@@ -123,6 +142,13 @@ def format_options(options: list[str]) -> str:
 
 
 def user_text(question: str, options: list[str] | None, problem_type: str, template: str) -> str:
+    if template == "video_r1":
+        body = question.strip()
+        if options:
+            body += "Options:\n" + "".join(str(o).strip() + "\n" for o in options)
+        return VIDEO_R1_QUESTION.format(question=body) + VIDEO_R1_HINTS.get(problem_type, VIDEO_R1_HINTS["free_form"])
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown prompt template {template!r}; expected one of {TEMPLATES}")
     body = question.strip()
     if options:
         body += "\nOptions:\n" + format_options(options)

@@ -10,9 +10,12 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 PROBLEM_TYPES = ("multiple_choice", "numerical", "regression", "free_form")
+
+# `media_type` column: how the row's media reached the model. Version 2 added the column.
+MEDIA_TYPES = ("video", "image_as_video", "text")
 
 # Error types written to the `error_type` column. Stable strings: analysts filter on them.
 ERROR_TYPES = (
@@ -55,6 +58,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("mode", pa.string(), nullable=False),
         pa.field("dataset", pa.string()),
         pa.field("video", pa.string()),
+        pa.field("media_type", pa.string()),
         pa.field("question", pa.string()),
         pa.field("options", pa.list_(pa.string())),
         pa.field("problem_type", pa.string()),

@@ -39,7 +39,8 @@ def load_video_row(row: dict[str, Any], video_cfg: dict, needs_video: bool) -> d
     from .video import VideoError, load_clip
 
     out = dict(row)
-    out.update(frames=b"", frames_shape=[], frame_indices=[], video_fps=None, sampled_fps=None, video_duration_s=None)
+    out.update(frames=b"", frames_shape=[], frame_indices=[], video_fps=None, sampled_fps=None, video_duration_s=None,
+               media_type=None if needs_video else "text")
     if row.get("error_type") or not needs_video:
         return out
     vc = VideoConfig(**video_cfg)
@@ -55,14 +56,7 @@ def load_video_row(row: dict[str, Any], video_cfg: dict, needs_video: bool) -> d
     except ValueError as e:  # e.g. smart_resize on an absurd aspect ratio
         out.update(error_type="video_unreadable", error=f"{row['video']}: {e}")
         return out
-    out.update(
-        frames=frames.tobytes(),
-        frames_shape=list(frames.shape),
-        frame_indices=[int(i) for i in clip.frame_indices],
-        video_fps=float(clip.video_fps),
-        sampled_fps=float(clip.sampled_fps),
-        video_duration_s=float(clip.duration_s),
-    )
+    out.update(frames=frames.tobytes(), frames_shape=list(frames.shape), **clip.row_fields())
     return out
 
 
@@ -78,6 +72,7 @@ def _sample_row(row: dict, base: dict) -> dict:
     r.update(base)
     r.update(
         sample_id=row["sample_id"], mode=row["mode"], dataset=row.get("dataset"), video=row.get("video"),
+        media_type=row.get("media_type"),
         question=row.get("question"), options=list(row.get("options") or []), problem_type=row.get("problem_type"),
         answer_gt=row.get("answer_gt"), created_at=datetime.now(timezone.utc),
     )

@@ -4,6 +4,10 @@ Frames are sampled like Qwen2.5-VL / Video-R1: evenly spaced indices over the wh
 (`num_frames`, or `target_fps` capped by `max_frames`), returned as RGB uint8 at source
 resolution, except that very large sources are downscaled while decoding.
 
+An image file (PNG, JPEG, GIF, BMP, WebP, TIFF: benchmark files mix `data_type: image` rows in)
+is read with Pillow as a one-frame clip, `media_type="image_as_video"`: the model sees it as a
+still video (patchify repeats the frame to the temporal patch size), through the video path.
+
 Every way a video can be bad ends as a `VideoError` whose `error_type` is one of
 `schema.ERROR_TYPES`; storage trouble that outlasts the retries (throttling, network) is left
 as a `storage.StorageError` so that the task can be retried rather than recorded as bad data.
@@ -55,6 +59,18 @@ class VideoClip:
     height: int  # source height in pixels
     width: int  # source width in pixels
     num_frames: int  # frames in the source (not the number sampled: that is len(frame_indices))
+    media_type: str = "video"  # MEDIA_TYPES: "video", or "image_as_video" (one still frame)
+
+    def row_fields(self) -> dict[str, Any]:
+        """The output columns this clip fills (an image has no frame rate or duration: null)."""
+        still = self.media_type != "video"
+        return {
+            "media_type": self.media_type,
+            "frame_indices": [int(i) for i in self.frame_indices],
+            "video_fps": None if still else float(self.video_fps),
+            "sampled_fps": None if still else float(self.sampled_fps),
+            "video_duration_s": None if still else float(self.duration_s),
+        }
 
     @property
     def frame_height(self) -> int:
@@ -136,14 +152,32 @@ def sniff_container(head: bytes) -> str | None:
     return None
 
 
+def sniff_image(head: bytes) -> str | None:
+    """The image format from a file's first bytes (formats Pillow reads), or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 _SNIFF_BYTES = 256
 
 
-def _open_source(uri: str) -> str | bytes:
-    """A local path or an object's bytes, after the cheap checks (exists, not empty, a video)."""
+def _open_source(uri: str) -> tuple[str | bytes, str]:
+    """(a local path or an object's bytes, "video" | "image"), after the cheap checks (exists,
+    not empty, a video container or an image)."""
     if storage.is_s3(uri):
         try:
             data = storage.read_bytes(uri)
@@ -164,12 +198,14 @@ def _open_source(uri: str) -> str | bytes:
         source = path
     if size == 0:
         raise VideoError("video_empty", f"video {uri}: the file is empty (0 bytes)")
-    if sniff_container(head) is None:
-        raise VideoError(
-            "video_unreadable",
-            f"video {uri}: not a recognised video container ({size} bytes starting {head[:8]!r})",
-        )
-    return source
+    if sniff_container(head) is not None:
+        return source, "video"
+    if sniff_image(head) is not None:
+        return source, "image"
+    raise VideoError(
+        "video_unreadable",
+        f"video {uri}: neither a recognised video container nor an image ({size} bytes starting {head[:8]!r})",
+    )
 
 
 def _reader(decord: Any, source: str | bytes, **kwargs: Any) -> Any:
@@ -198,9 +234,12 @@ def _short(exc: BaseException) -> str:
 def load_clip(uri: str, cfg: VideoConfig) -> VideoClip:
     """Sample frames from a local video or s3:// object, per `cfg` (see module docstring).
 
-    Raises VideoError for a missing / empty / undecodable / too large video.
+    Raises VideoError for a missing / empty / undecodable / too large video. An image file gives
+    a one-frame clip (see module docstring).
     """
-    source = _open_source(uri)
+    source, kind = _open_source(uri)
+    if kind == "image":
+        return load_image(uri, source, cfg)
     decord = _import_decord()
     failure = _decord_failure(decord)
     try:
@@ -247,4 +286,48 @@ def load_clip(uri: str, cfg: VideoConfig) -> VideoClip:
         height=int(height),
         width=int(width),
         num_frames=total,
+    )
+
+
+def load_image(uri: str, source: str | bytes, cfg: VideoConfig) -> VideoClip:
+    """One image as a one-frame clip [1, H, W, 3] uint8 RGB, downscaled like a video frame when huge.
+
+    Raises VideoError("video_unreadable") for an image Pillow cannot decode, "video_too_large"
+    over `max_source_pixels` (checked from the header, before decoding the pixels).
+    """
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("image rows need Pillow: pip install pillow") from e
+    # Pillow's own bomb guard would raise on sizes our max_source_pixels may allow; ours decides.
+    failure = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            width, height = im.size
+            if height * width > cfg.max_source_pixels:
+                raise VideoError(
+                    "video_too_large",
+                    f"image {uri}: {width}x{height} = {width * height} pixels is over"
+                    f" video.max_source_pixels = {cfg.max_source_pixels}",
+                )
+            im.seek(0)  # an animated GIF / WebP: its first frame
+            rgb = im.convert("RGB")
+            size = decode_size(height, width, cfg.max_pixels)
+            if size is not None:
+                rgb = rgb.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            frame = np.asarray(rgb, dtype=np.uint8)  # [H, W, 3]
+    except VideoError:
+        raise
+    except failure as e:
+        raise VideoError("video_unreadable", f"image {uri}: cannot be decoded ({_short(e)})") from None
+    return VideoClip(
+        frames=frame[None],
+        frame_indices=[0],
+        video_fps=0.0,
+        sampled_fps=0.0,
+        duration_s=0.0,
+        height=int(height),
+        width=int(width),
+        num_frames=1,
+        media_type="image_as_video",
     )
