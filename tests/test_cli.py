@@ -140,7 +140,7 @@ def test_config_that_is_not_yaml_exits_2(tmp_path, capsys):
     "content, message",
     [
         (None, "manifest not found: {m}"),
-        ('{"video": "a.mp4", "question": "q"}\n{"video": "b.mp4", "question": \n', "line 2 is not valid JSON"),
+        ('{"video": "b.mp4", "question": \n', "has no rows: line 1 is not valid JSON"),
         ("", "has no rows"),
         ('{"clip": "a.mp4", "question": "q"}\n', "has no video column 'video' (set input.columns.video)"),
         (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
