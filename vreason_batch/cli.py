@@ -35,8 +35,14 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("output_uri", help="the run's output.uri (local dir or s3://)")
     rep.add_argument("--out", required=True, help="directory for summary.json, report.md/.html and PNGs")
 
-    b = sub.add_parser("bench", help="decode speed and memory per mode (prints figures)")
+    b = sub.add_parser("bench", help="decode speed and memory per mode, or pipeline overhead (prints figures)")
     b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
+    b.add_argument("--workload", default="decode", choices=["decode", "pipeline"],
+                   help="decode: the decode loop per mode; pipeline: the job's cost per row outside the model")
+    b.add_argument("--rows", default="1000,6000",
+                   help="pipeline: the two run sizes (manifest rows) whose difference gives the cost per row")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline: config override for the measured runs (repeatable)")
     b.add_argument("--model", default="builtin:tiny-qwen2.5-vl", help="model to load (see model.name_or_path)")
     b.add_argument("--arch", default=None, help="build this architecture with random weights (qwen2.5-vl-7b, tiny-qwen2.5-vl)")
     b.add_argument("--random-init", action="store_true", help="with --arch: random weights (no checkpoint needed)")
@@ -106,9 +112,14 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    if args.workload == "pipeline":
+        from .bench_pipeline import run_pipeline_bench
 
-    figures = run_bench(args)
+        figures = run_pipeline_bench(args)
+    else:
+        from .bench import run_bench
+
+        figures = run_bench(args)
     if args.json:
         print(json.dumps(figures))
     return 0
