@@ -12,7 +12,7 @@ import yaml
 from vreason_batch import cli
 from vreason_batch.cli import EXIT_USAGE, main
 from vreason_batch.config import config_from_dict
-from vreason_batch.pipeline import write_shard
+from vreason_batch.results import write_shard
 from vreason_batch.schema import SCHEMA_VERSION, empty_row, rows_to_table
 
 

@@ -28,8 +28,11 @@ from procs import kill_pids, session_pids
 from videos import real_video, write_counter_video, write_empty, write_text_as_mp4, write_truncated
 from vreason_batch import storage
 from vreason_batch.config import Config, config_from_dict
-from vreason_batch.pipeline import FAULT_ENV, RUNS_DIR, OutputConflict, plan_run, run_job
+from vreason_batch.pipeline import run_job
+from vreason_batch.plan import OutputConflict, plan_run
+from vreason_batch.results import RUNS_DIR
 from vreason_batch.schema import OUTPUT_SCHEMA
+from vreason_batch.stages import FAULT_ENV
 
 pytestmark = pytest.mark.pipeline
 

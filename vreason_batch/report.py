@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vreason_batch import storage
+from vreason_batch.results import is_result_path
 from vreason_batch.schema import OUTPUT_SCHEMA
 
 GREEDY = "greedy"
@@ -100,12 +101,8 @@ def _result_files(uri: str) -> tuple[Any, list[str]]:
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     paths = []
     for entry in fs.get_file_info(selector):
-        if entry.type != pafs.FileType.File or not entry.path.endswith(".parquet"):
-            continue
-        relative = entry.path[len(base) :].lstrip("/")
-        if any(part.startswith(("_", ".")) for part in relative.split("/")):
-            continue
-        paths.append(entry.path)
+        if entry.type == pafs.FileType.File and is_result_path(entry.path[len(base) :].lstrip("/")):
+            paths.append(entry.path)
     return fs, sorted(paths)
 
 

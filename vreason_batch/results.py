@@ -1,0 +1,145 @@
+"""The output store: which files are results, how one is written, and the run records.
+
+The output is a set of whole Parquet objects, each named by a hash of the (sample_id, mode)
+keys it holds, so a retried write of the same rows lands on the same key and no reader ever sees
+half a file (local: temp file + rename; S3: one PUT). Run records live under `_runs/`; every
+name starting with `_` or `.` (run records, temp files of shards being written) is not a result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from . import __version__
+from .config import Config
+from .schema import OUTPUT_COLUMNS, OUTPUT_SCHEMA, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from .plan import RunPlan
+
+RUNS_DIR = "_runs"  # run records; the leading underscore makes dataset readers skip them
+RESULT_SUFFIX = ".parquet"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    output_uri: str
+    rows_written: int = 0
+    rows_failed: int = 0
+    files_written: int = 0
+    skipped_done: int = 0
+    output_tokens: int = 0
+    per_mode: dict[str, dict[str, int]] = field(default_factory=dict)
+    failed_by_type: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+
+
+def is_result_path(relative: str) -> bool:
+    """Whether a path relative to the output root names a result file: a `.parquet` file with no
+    part (file or folder) starting with `_` or `.`; those are run records and half-written temp files."""
+    return relative.endswith(RESULT_SUFFIX) and not any(part.startswith(("_", ".")) for part in relative.split("/"))
+
+
+def list_result_files(uri: str) -> list[str]:
+    """Committed result objects under `uri` (not run records, not temp files), sorted."""
+    from . import storage
+
+    if not storage.exists(uri):
+        return []
+    root = uri.rstrip("/")
+    return sorted(f for f in storage.list_files(uri, "*" + RESULT_SUFFIX) if is_result_path(f[len(root) + 1:]))
+
+
+def shard_key(table) -> str:
+    """A deterministic object name from the (sample_id, mode) keys a file holds."""
+    keys = sorted(zip(table.column("sample_id").to_pylist(), table.column("mode").to_pylist()))
+    h = hashlib.sha256("\n".join(f"{s}\t{m}" for s, m in keys).encode()).hexdigest()[:20]
+    return f"part-{h}{RESULT_SUFFIX}"
+
+
+def write_shard(uri: str, table, compression: str) -> str:
+    """Write one table as one whole object under `uri`; returns its URI."""
+    import pyarrow.parquet as pq
+
+    from . import storage
+
+    table = table.select(list(OUTPUT_COLUMNS)).cast(OUTPUT_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=None if compression == "none" else compression)
+    dest = storage.join(uri, shard_key(table))
+    storage.retry(lambda: storage.write_bytes(dest, buf.getvalue()), what=dest)
+    return dest
+
+
+def tally(res: RunResult, table) -> None:
+    """Count one written file's rows into the run's result."""
+    rows = table.select(["mode", "error_type", "num_output_tokens"]).to_pylist()
+    res.files_written += 1
+    for r in rows:
+        res.rows_written += 1
+        pm = res.per_mode.setdefault(r["mode"], {"rows": 0, "failed": 0})
+        pm["rows"] += 1
+        if r["error_type"]:
+            res.rows_failed += 1
+            pm["failed"] += 1
+            res.failed_by_type[r["error_type"]] = res.failed_by_type.get(r["error_type"], 0) + 1
+        res.output_tokens += r["num_output_tokens"] or 0
+
+
+def code_version() -> str:
+    """The package version, plus the git commit when running from a checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        sha = ""
+    return f"{__version__}+{sha}" if sha else __version__
+
+
+def write_run_record(cfg: Config, plan: RunPlan, status: str, result: RunResult | None = None, extra: dict | None = None) -> str:
+    from . import storage
+
+    record = {
+        "run_id": plan.run_id,
+        "status": status,
+        "schema_version": SCHEMA_VERSION,
+        "code_version": code_version(),
+        "config_hash": plan.config_hash,
+        "model": cfg.model.name_or_path,
+        "config": cfg.model_dump(mode="json"),
+        "manifest": plan.manifest_summary,
+        "counts": {
+            "samples": plan.num_samples,
+            "pairs_total": plan.num_pairs_total,
+            "pairs_already_done": plan.num_pairs_done,
+            "pairs_scheduled": plan.num_pairs_pending,
+            "duplicates_in_output_before_run": plan.duplicates_in_output,
+        },
+        "written_at": datetime.now(timezone.utc).isoformat(),
+    }
+    if result is not None:
+        record["counts"].update(
+            rows_written=result.rows_written, rows_failed=result.rows_failed, files_written=result.files_written,
+            per_mode=result.per_mode, failed_by_type=result.failed_by_type,
+        )
+        record["timings"] = {
+            "wall_s": result.wall_s,
+            "rows_per_s": result.rows_written / result.wall_s if result.wall_s else None,
+            "output_tokens": result.output_tokens,
+            "output_tokens_per_s": result.output_tokens / result.wall_s if result.wall_s else None,
+        }
+    if extra:
+        record.update(extra)
+    dest = storage.join(cfg.output.uri, RUNS_DIR, f"{plan.run_id}.json")
+    storage.retry(lambda: storage.write_bytes(dest, json.dumps(record, indent=2, default=str).encode()), what=dest)
+    return dest
