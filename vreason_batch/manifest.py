@@ -11,6 +11,7 @@ silently dropped or failing the whole run.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -93,9 +94,9 @@ def _missing(value: Any) -> bool:
     """None, NaN (pandas-written Parquet / CSV) and blank strings all mean "no value"."""
     if value is None:
         return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and not value.strip()
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, float) and math.isnan(value)
 
 
 def normalize_answer(value: Any) -> str | None:
@@ -149,6 +150,8 @@ def resolve_video(video: str, base: str | None) -> str:
     onto the current directory.
     """
     video = video.strip()
+    if base is not None and _plain_relative(video):  # the common case, 10M times a corpus: no normpath
+        return _base_prefix(base) + video
     scheme, bucket, path = storage.parse_uri(video)  # raises StorageError for http:// and friends
     if bucket is not None:
         return video
@@ -160,6 +163,24 @@ def resolve_video(video: str, base: str | None) -> str:
         key = posixpath.normpath(posixpath.join(base_key, path))
         return f"s3://{base_bucket}/{key}"
     return os.path.normpath(os.path.join(os.path.abspath(base or os.getcwd()), path))
+
+
+def _plain_relative(video: str) -> bool:
+    """A relative path that normpath would leave as it is: no scheme, ~, ., .., // or trailing /."""
+    return (
+        bool(video) and "://" not in video and not video.startswith(("/", "~"))
+        and "//" not in video and "/." not in "/" + video and not video.endswith("/")
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _base_prefix(base: str) -> str:
+    """What resolve_video puts before a plain relative path under `base`, ending in "/"."""
+    if storage.is_s3(base):
+        _, bucket, key = storage.parse_uri(base)
+        key = posixpath.normpath(key) if key.strip("/") else key.rstrip("/")
+        return f"s3://{bucket}/{key}/" if key else f"s3://{bucket}/"
+    return os.path.abspath(base).rstrip("/") + "/"
 
 
 # ---------------------------------------------------------------------------------------------
