@@ -113,3 +113,36 @@ def test_racing_takeovers_have_one_winner(out):
         t.join()
     assert len(won) == 1 and len(refused) == 5, (won, refused)
     assert set(refused) == set(won) and current_holder(out, now=clock.t).run_id == won[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: a held output exits 3 before any cluster work
+
+
+def test_run_on_a_held_output_exits_3_naming_the_holder(out, tmp_path, capsys, monkeypatch):
+    import json
+
+    import ray
+    import yaml
+
+    from vreason_batch.cli import EXIT_LEASE_HELD, main
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started although the output is held")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setattr("vreason_batch.pipeline.init_ray", refuse)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "a", "video": "a.mp4", "question": "q"}) + "\n")
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({"input": {"manifest": str(manifest)}, "output": {"uri": out}}))
+
+    holder = Lease(out, "20261121T010203Z-abcdef", ttl_s=600).acquire()  # a live run, not renewing
+    assert main(["run", str(cfg)]) == EXIT_LEASE_HELD
+    err = capsys.readouterr().err
+    assert err.startswith("vreason-batch: output in use:") and "run 20261121T010203Z-abcdef (started " in err, err
+    assert "started " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(holder.info.started_at)) in err
+    # a dry run only reports the holder
+    assert main(["run", str(cfg), "--dry-run"]) == 0
+    assert json.loads(capsys.readouterr().out)["held_by_run"] == "20261121T010203Z-abcdef"
+    assert not [f for f in storage.list_files(out, "*") if f"/{LEASE_DIR}/" not in f]  # nothing else written
