@@ -398,3 +398,32 @@ def test_text_only_rows_need_no_video(tmp_path):
     # without text_only, a manifest with no video column at all is unusable: fail fast
     with pytest.raises(ManifestError, match="no video column"):
         read_samples(InputConfig(manifest=str(m)))
+
+
+def test_id_set_matches_a_python_set_across_chunks_and_runs():
+    import random
+
+    from vreason_batch.manifest import IdSet
+
+    rng = random.Random(0)
+    ids = IdSet()
+    reference: set[str] = set()
+    for _ in range(60):  # 60 chunks: several merged runs
+        chunk = [f"id{rng.randrange(5000)}" for _ in range(rng.randrange(1, 200))]
+        expected = []
+        for i in chunk:
+            expected.append(i not in reference)
+            reference.add(i)
+        assert ids.add_new(chunk) == expected
+    assert 1 < len(ids.runs) < 12 and sum(len(hi) for hi, _ in ids.runs) == len(reference)
+
+
+def test_duplicates_across_id_chunks(tmp_path, monkeypatch):
+    import vreason_batch.manifest as manifest
+
+    monkeypatch.setattr(manifest, "ID_CHUNK", 3)
+    rows = [{"id": f"s{i % 7}", "video": "a.mp4", "question": f"q{i}"} for i in range(20)]
+    result = read(write_manifest(tmp_path / "m.jsonl", rows, "jsonl"))
+    assert [s.sample_id for s in result.samples] == [f"s{i}" for i in range(7)]
+    assert [s.question for s in result.samples] == [f"q{i}" for i in range(7)]  # first wins
+    assert result.num_duplicates == 13
