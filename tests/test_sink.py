@@ -104,3 +104,24 @@ def test_samples_per_block(num_samples, actors, cap, expected, tmp_path):
     cfg = config_from_dict({"input": {"manifest": "m.jsonl"}, "output": {"uri": str(tmp_path)},
                             "runtime": {"num_actors": actors, "max_samples_per_block": cap}})
     assert samples_per_block(cfg, num_samples) == expected
+
+
+def test_sink_never_writes_once_before_write_refuses(tmp_path):
+    """The driver passes lease.check: a run whose lease was taken over writes nothing more."""
+    out = str(tmp_path / "out")
+    allowed = {"ok": True}
+
+    def check():
+        if not allowed["ok"]:
+            raise RuntimeError("lease lost")
+
+    res = RunResult(run_id="r", output_uri=out)
+    sink = ResultSink(out, rows_per_file=2, compression="zstd", flush_interval_s=3600, result=res, before_write=check)
+    sink.add(result_table([1, 2, 3]))
+    sink.flush()
+    assert (res.rows_written, res.files_written) == (3, 2)
+    allowed["ok"] = False
+    with pytest.raises(RuntimeError, match="lease lost"):
+        sink.add(result_table([4, 5]))
+    sink.close(write=False)
+    assert res.rows_written == 3 and len(list_result_files(out)) == 2

@@ -19,7 +19,7 @@ import time
 from typing import Any
 
 from .config import Config
-from .lease import Lease
+from .lease import Lease, LeaseLost
 from .plan import RunPlan, new_run_id, plan_run
 from .results import ResultSink, RunResult, write_run_record
 from .stages import ModelStage, metrics_collector_class, model_needs_video, video_stage
@@ -182,27 +182,48 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
 
     init_ray()
     metrics = metrics_collector_class().remote()
-    ds = build_dataset(cfg, plan, metrics)
     out = cfg.output
-    sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result)
+    # lease.check before every write: a run whose lease was taken over must not write
+    sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check)
     progress = _Progress(plan.num_pairs_pending, cfg.runtime.progress_interval_s)
+    restarts: list[str] = []
     try:
-        # batch_size=None: each block as it arrives; the sink groups rows into files
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-            lease.check()  # a run that lost its lease must stop writing
-            sink.add(table)
-            progress.update(sink)
+        todo = plan
+        while todo.num_pairs_pending:
+            try:
+                # batch_size=None: each block as it arrives; the sink groups rows into files
+                for table in build_dataset(cfg, todo, metrics).iter_batches(batch_size=None, batch_format="pyarrow"):
+                    sink.add(table)
+                    progress.update(sink)
+                break
+            except _lost_cluster_work() as e:
+                # Ray's own retries are spent (e.g. a node lost while its actor restarts elsewhere):
+                # keep what finished, ask the output what is still missing, and run that.
+                if len(restarts) >= cfg.runtime.max_pipeline_restarts:
+                    raise
+                restarts.append(f"{type(e).__name__}: {str(e)[:300]}")
+                log.warning("pipeline failed (%s); restart %d of %d on what is still missing",
+                            restarts[-1], len(restarts), cfg.runtime.max_pipeline_restarts)
+                sink.flush()
+                todo = plan_run(cfg, run_id=plan.run_id)
         sink.close()
     except BaseException as e:
         try:
-            sink.close()  # the rows that did finish are kept
+            sink.close(write=not isinstance(e, LeaseLost))  # the rows that did finish are kept
         except Exception as close_err:  # noqa: BLE001 - the first error is the one to raise
             log.warning("writing the rows finished before the failure: %s", close_err)
         result.wall_s = time.perf_counter() - t0
-        write_run_record(cfg, plan, "failed", result, {"error": f"{type(e).__name__}: {e}"})
+        write_run_record(cfg, plan, "failed", result, {"error": f"{type(e).__name__}: {e}", "pipeline_restarts": restarts})
         raise
     result.wall_s = time.perf_counter() - t0
     progress.update(sink, force=True)
     actor_metrics = ray.get(metrics.get.remote())
-    write_run_record(cfg, plan, "finished", result, {"actor_metrics": actor_metrics})
+    write_run_record(cfg, plan, "finished", result, {"actor_metrics": actor_metrics, "pipeline_restarts": restarts})
     return result
+
+
+def _lost_cluster_work():
+    """Errors that mean work was lost with a process or node, not that a sample is bad."""
+    import ray.exceptions as rx
+
+    return (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError)

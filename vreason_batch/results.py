@@ -155,11 +155,13 @@ class ResultSink:
     received, `result.rows_written` rows in files.
     """
 
-    def __init__(self, uri: str, rows_per_file: int, compression: str, flush_interval_s: float, result: RunResult):
+    def __init__(self, uri: str, rows_per_file: int, compression: str, flush_interval_s: float, result: RunResult,
+                 before_write=None):
         import threading
 
         self.uri, self.rows_per_file, self.compression = uri, rows_per_file, compression
         self.flush_interval_s, self.result = flush_interval_s, result
+        self.before_write = before_write  # called before each file; raising stops the write
         self.rows_finished = 0
         self._buffer: list = []  # (monotonic arrival time, pyarrow Table), oldest first
         self._buffered_rows = 0
@@ -184,19 +186,27 @@ class ResultSink:
             while self._buffered_rows >= self.rows_per_file:
                 self._write_locked(self.rows_per_file)
 
-    def close(self) -> None:
-        """Write what is left and stop the timer."""
-        self._stop.set()
-        self._timer.join()
+    def flush(self) -> None:
+        """Write everything buffered now."""
         with self._lock:
             if self._buffered_rows:
                 self._write_locked(self._buffered_rows)
+
+    def close(self, write: bool = True) -> None:
+        """Stop the timer and write what is left (or, with write=False, drop it)."""
+        self._stop.set()
+        self._timer.join()
+        if write:
+            self.flush()
         if self._error is not None:
             raise self._error
 
     def _write_locked(self, n: int) -> None:
         """Write the oldest `n` buffered rows as one file."""
         import pyarrow as pa
+
+        if self.before_write is not None:
+            self.before_write()
 
         parts, need = [], n
         while need:
