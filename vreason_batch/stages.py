@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .config import Config
+from .metrics import ActorMetrics
 from .schema import SCHEMA_VERSION, empty_row, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class ModelStage:
         self.base = dict(schema_version=SCHEMA_VERSION, run_id=run_id, config_hash=config_hash, model=self.cfg.model.name_or_path)
         self.metrics_actor = metrics_actor
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
+        self.metrics = ActorMetrics(self.actor_id)
         self.stats = {"samples": 0, "output_tokens": 0, "controller_updates": 0, "decode_s": 0.0, "wait_s": 0.0, "errors": 0}
         self.t_start = time.perf_counter()
         self.t_last_end: float | None = None
@@ -153,6 +155,7 @@ class ModelStage:
         t_in = time.perf_counter()
         if self.t_last_end is not None:
             self.stats["wait_s"] += t_in - self.t_last_end  # idle: waiting for frames upstream
+            self.metrics.record_frame_wait(t_in - self.t_last_end)
         _maybe_inject_fault()
         rows = batch.to_pylist() if hasattr(batch, "to_pylist") else _columns_to_rows(batch)
         results: list[dict | None] = [None] * len(rows)
@@ -168,9 +171,14 @@ class ModelStage:
                 results[i] = _error_result(row, self.base, "internal_error", f"building model inputs: {type(e).__name__}: {e}")
                 continue
             by_mode.setdefault(row["mode"], []).append(i)
+        mode_s: dict[str, float] = {}
         for mode, idx in by_mode.items():
+            t_mode = time.perf_counter()
             for i, res in zip(idx, self._decode(mode, [prepared[i] for i in idx], [rows[i] for i in idx])):
                 results[i] = res
+            mode_s[mode] = time.perf_counter() - t_mode
+        for mode in dict.fromkeys(r["mode"] for r in results):
+            self.metrics.record_mode(mode, [r for r in results if r["mode"] == mode], mode_s.get(mode))
         self._account(results, time.perf_counter() - t_in)
         self.t_last_end = time.perf_counter()
         return rows_to_table(results)
@@ -182,7 +190,9 @@ class ModelStage:
 
         c = self.cfg
         if self.lm.is_vl and row.get("frames_shape"):
-            frames = np.frombuffer(row["frames"], dtype=np.uint8).reshape(row["frames_shape"])
+            # bytearray: a writable [T, H, W, 3] uint8 array; torch.from_numpy warns on (and must
+            # not write into) the read-only buffer that np.frombuffer gives over `bytes`
+            frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
             return build_video_inputs(
                 self.lm.tokenizer, self.lm.vision, frames, row.get("sampled_fps") or 2.0, row["question"],
                 row.get("options") or None, row.get("problem_type") or "free_form", c.decoding.prompt,
