@@ -181,7 +181,11 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
         return result
 
     init_ray()
-    metrics = metrics_collector_class().remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on the driver's node: a node lost mid-run must not take the run's metrics with it
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    metrics = metrics_collector_class().options(scheduling_strategy=here).remote()
     out = cfg.output
     # lease.check before every write: a run whose lease was taken over must not write
     sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check)
