@@ -166,6 +166,7 @@ def run_job(cfg: Config, overwrite: bool = False, plan: RunPlan | None = None, l
 
 def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     result = RunResult(run_id=plan.run_id, output_uri=cfg.output.uri, skipped_done=plan.num_pairs_done)
     print(
@@ -181,8 +182,6 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
         return result
 
     init_ray()
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     # on the driver's node: a node lost mid-run must not take the run's metrics with it
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     metrics = metrics_collector_class().options(scheduling_strategy=here).remote()
