@@ -140,7 +140,7 @@ def test_config_that_is_not_yaml_exits_2(tmp_path, capsys):
     "content, message",
     [
         (None, "manifest not found: {m}"),
-        ('{"video": "a.mp4", "question": "q"}\n{"video": "b.mp4", "question": \n', "line 2 is not valid JSON"),
+        ('{"video": "b.mp4", "question": \n', "has no rows: line 1 is not valid JSON"),
         ("", "has no rows"),
         ('{"clip": "a.mp4", "question": "q"}\n', "has no video column 'video' (set input.columns.video; for text questions to a text model set input.text_only: true)"),
         (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
@@ -159,7 +159,8 @@ def test_unreadable_manifest_exits_2_before_ray(command, content, message, job, 
     assert main([command, write_config(tmp_path, job)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert err.startswith("vreason-batch: manifest error:") and message.format(m=manifest) in err, err
-    assert not (tmp_path / "out").exists()
+    # nothing written but the lease `run` took (and released) before reading the manifest
+    assert {p.name for p in (tmp_path / "out").glob("*")} <= {"_lease"}
 
 
 def test_job_entrypoint_is_the_run_command(job, tmp_path, capsys, monkeypatch):

@@ -207,6 +207,49 @@ def test_bad_rows_become_error_samples(tmp_path):
     assert [s.sample_id for s in read(path).samples] == [s.sample_id for s in result.samples]
 
 
+def test_malformed_jsonl_lines_are_bad_rows_with_their_line_number(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(
+        '{"id": "a", "video": "a.mp4", "question": "q"}\n'
+        "\n"  # blank lines are skipped, but still counted as lines
+        '{"id": "b", "video": "b.mp4", "question": \n'
+        '["not", "an", "object"]\n'
+        '{"id": "c", "video": "c.mp4", "question": "q"}\n'
+    )
+    path.write_bytes(path.read_bytes() + b'{"id": "d\xff", "video": "d.mp4"}\n')
+    result = read(path)
+    a, broken, listed, c, binary = result.samples
+    assert [a.sample_id, c.sample_id] == ["a", "c"] and a.error_type is None and c.error_type is None
+    assert broken.error_type == listed.error_type == binary.error_type == "bad_manifest_row"
+    assert broken.error.startswith("manifest line 3: not valid JSON (Expecting value at column 43)")
+    assert '"question":' in broken.error  # the line itself, to find it
+    assert listed.error.startswith("manifest line 4: a JSON list, not an object")
+    assert binary.error.startswith("manifest line 6: not UTF-8 text")
+    assert broken.sample_id.startswith("row3-") and listed.sample_id.startswith("row4-")
+    assert result.num_rows == 5 and result.num_bad_rows == 3 and "3 bad rows" in result.summary()
+    # ids of broken lines are the same on every read of the same manifest: written exactly once
+    assert [s.sample_id for s in read(path).samples] == [s.sample_id for s in result.samples]
+
+
+def test_manifest_is_streamed_in_chunks(tmp_path, monkeypatch):
+    """Lines that straddle read chunks come out whole: the reader never holds the whole file."""
+    rows = [{"id": f"s{i}", "video": f"v{i}.mp4", "question": "q" * (1 + i % 13)} for i in range(1, 200)]
+    path = write_manifest(tmp_path / "m.jsonl", rows, "jsonl")
+    chunks = []
+    real = storage.iter_chunks
+
+    def small_chunks(uri, chunk_bytes=storage.READ_CHUNK_BYTES):
+        for c in real(uri, 97):
+            chunks.append(len(c))
+            yield c
+
+    monkeypatch.setattr(storage, "iter_chunks", small_chunks)
+    samples = read(path).samples
+    assert len(chunks) > 50 and max(chunks) == 97
+    assert [s.sample_id for s in samples] == [r["id"] for r in rows]
+    assert all(s.error_type is None for s in samples)
+
+
 def test_csv_row_with_extra_cells_is_a_bad_row_not_a_crash(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("video,question\na.mp4,fine\n,no video,extra cell\n")
@@ -231,7 +274,7 @@ def test_csv_options_and_types(tmp_path):
     "name, content, match",
     [
         ("missing.jsonl", None, "manifest not found"),
-        ("broken.jsonl", '{"video": "a.mp4", "question": "q"}\n{"video": \n', "line 2 is not valid JSON"),
+        ("broken.jsonl", '{"video": \n[1]\n', "has no rows: line 1 is not valid JSON"),
         ("broken.json", "[{", "not valid JSON"),
         ("scalar.json", "42", "expected a JSON list"),
         ("strings.json", '["a.mp4"]', "item 1 is a str, not an object"),
@@ -356,3 +399,32 @@ def test_text_only_rows_need_no_video(tmp_path):
     with pytest.raises(ManifestError, match="no video column") as e:
         read_samples(InputConfig(manifest=str(m)))
     assert "input.text_only: true" in str(e.value)
+
+
+def test_id_set_matches_a_python_set_across_chunks_and_runs():
+    import random
+
+    from vreason_batch.manifest import IdSet
+
+    rng = random.Random(0)
+    ids = IdSet()
+    reference: set[str] = set()
+    for _ in range(60):  # 60 chunks: several merged runs
+        chunk = [f"id{rng.randrange(5000)}" for _ in range(rng.randrange(1, 200))]
+        expected = []
+        for i in chunk:
+            expected.append(i not in reference)
+            reference.add(i)
+        assert ids.add_new(chunk) == expected
+    assert 1 < len(ids.runs) < 12 and sum(len(hi) for hi, _ in ids.runs) == len(reference)
+
+
+def test_duplicates_across_id_chunks(tmp_path, monkeypatch):
+    import vreason_batch.manifest as manifest
+
+    monkeypatch.setattr(manifest, "ID_CHUNK", 3)
+    rows = [{"id": f"s{i % 7}", "video": "a.mp4", "question": f"q{i}"} for i in range(20)]
+    result = read(write_manifest(tmp_path / "m.jsonl", rows, "jsonl"))
+    assert [s.sample_id for s in result.samples] == [f"s{i}" for i in range(7)]
+    assert [s.question for s in result.samples] == [f"q{i}" for i in range(7)]  # first wins
+    assert result.num_duplicates == 13

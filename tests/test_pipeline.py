@@ -29,6 +29,7 @@ from procs import kill_pids, session_pids
 from videos import real_video, write_counter_video, write_empty, write_text_as_mp4, write_truncated
 from vreason_batch import storage
 from vreason_batch.config import Config, config_from_dict
+from vreason_batch.lease import LeaseHeld, current_holder
 from vreason_batch.pipeline import run_job
 from vreason_batch.plan import OutputConflict, plan_run
 from vreason_batch.results import RUNS_DIR
@@ -291,7 +292,15 @@ def _bad_input_manifest(tmp_path: Path, s3_bucket: str, counter_videos: list[str
         "no-question": ("bad_manifest_row", "manifest row 8: no question"),
         "huge": ("video_too_large", huge),
     }
-    return write_jsonl(d / "manifest.jsonl", rows), expected
+    path = write_jsonl(d / "manifest.jsonl", rows)
+    with open(path, "a") as f:  # a torn line, as a crashed writer leaves it: one error row, not a failed run
+        f.write('{"id": "torn", "video": "' + counter_videos[4] + '", "quest\n')
+    from vreason_batch.config import InputConfig
+    from vreason_batch.manifest import read_samples
+
+    torn = read_samples(InputConfig(manifest=path)).samples[-1].sample_id
+    expected[torn] = ("bad_manifest_row", "manifest line 11: not valid JSON")
+    return path, expected
 
 
 def test_bad_input_becomes_error_rows(local_ray, s3_bucket, counter_videos, tmp_path, capsys):
@@ -388,7 +397,7 @@ def test_resume_incremental_overwrite_and_conflict(local_ray, counter_videos, tm
     # --overwrite starts afresh: results and run records are gone, every pair is pending
     plan = plan_run(tiny_config(manifest, out, "controller.lr=0.5"), overwrite=True)
     assert (plan.num_pairs_done, plan.num_pairs_pending) == (0, 16)
-    assert storage.list_files(out, "*") == []
+    assert [f for f in storage.list_files(out, "*") if "/_lease/" not in f] == []  # the released lease stays
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,6 +457,7 @@ def test_driver_killed_mid_run_then_resumed(local_ray, counter_videos, tmp_path)
     out = tmp_path / "out"
     data = tiny_config_dict(write_jsonl(tmp_path / "manifest.jsonl", rows), str(out))
     data["decoding"] = {**data["decoding"], "max_new_tokens": 12, "stop_strings": []}
+    data["output"]["lease_ttl_s"] = 6  # short: the re-run below waits for it to expire
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text(yaml.safe_dump(data))
     log = tmp_path / "driver.log"
@@ -478,8 +488,16 @@ def test_driver_killed_mid_run_then_resumed(local_ray, counter_videos, tmp_path)
     assert 0 < sum(written.values()) < total, "the driver should have died mid-run"
     assert max(written.values()) == 1
 
-    # the re-run (here in-process, on this module's Ray) schedules only what is missing
+    # the killed driver's lease is still live: a re-run is refused until it expires, then takes over
     cfg = config_from_dict(data)
+    holder = current_holder(str(out))
+    assert holder is not None and holder.run_id in log.read_text()
+    with pytest.raises(LeaseHeld, match=holder.run_id):
+        run_job(cfg)
+    time.sleep(max(0.0, holder.expires_at - time.time()) + 0.2)
+    assert current_holder(str(out)) is None
+
+    # the re-run (here in-process, on this module's Ray) schedules only what is missing
     plan = plan_run(cfg)
     assert plan.num_pairs_done == sum(written.values())
     assert {(s.sample_id, m) for s, modes in plan.pending for m in modes} == {

@@ -309,3 +309,57 @@ def test_s3_errors_become_storage_errors_after_retries(monkeypatch):
         storage._s3_call(Flaky(client_error("NoSuchBucket", 404)), "s3://b/k", "read")
     fn = Flaky(client_error("SlowDown", 503))
     assert storage._s3_call(fn, "s3://b/k", "read") == "ok" and fn.calls == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming reads and create-if-absent writes
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_iter_lines_across_chunks(where, tmp_path, request):
+    data = b"first\n\nsecond line\r\n" + b"x" * 50 + b"\nno newline at the end"
+    uri = str(tmp_path / "f.txt") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/f.txt"
+    storage.write_bytes(uri, data)
+    for chunk in (1, 7, 64, storage.READ_CHUNK_BYTES):
+        assert list(storage.iter_lines(uri, chunk_bytes=chunk)) == data.split(b"\n"), chunk
+        assert b"".join(storage.iter_lines(uri, keep_ends=True, chunk_bytes=chunk)) == data, chunk
+    assert b"".join(storage.iter_chunks(uri, 5)) == data
+    with pytest.raises(storage.NotFound):
+        list(storage.iter_lines(uri + ".missing"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_write_bytes_if_absent_only_once(where, tmp_path, request):
+    uri = str(tmp_path / "d" / "lock.json") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/d/lock.json"
+    storage.write_bytes_if_absent(uri, b"first")
+    with pytest.raises(storage.AlreadyExists):
+        storage.write_bytes_if_absent(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+    if where == "local":
+        assert os.listdir(tmp_path / "d") == ["lock.json"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_write_bytes_if_absent_race_has_one_winner(where, tmp_path, request):
+    """Eight threads create the same name at once: exactly one succeeds, its content stays."""
+    import threading
+
+    base = str(tmp_path) if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}"
+    uri = storage.join(base, "race.json")
+    start, winners, losers = threading.Barrier(8), [], []
+
+    def attempt(i):
+        start.wait()
+        try:
+            storage.write_bytes_if_absent(uri, f"writer {i}".encode())
+            winners.append(i)
+        except storage.AlreadyExists:
+            losers.append(i)
+
+    threads = [threading.Thread(target=attempt, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1 and len(losers) == 7
+    assert storage.read_bytes(uri) == f"writer {winners[0]}".encode()

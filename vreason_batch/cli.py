@@ -1,6 +1,7 @@
 """vreason-batch run | sweep | report | bench | validate | demo-manifest | reasoning-manifest.
 
-Config and manifest problems fail here, with a message and exit code 2, before any cluster work.
+Config and manifest problems fail here, with a message and exit code 2, before any cluster work;
+an output held by another live run exits 3, also before any cluster work.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import sys
 
 EXIT_USAGE = 2
+EXIT_LEASE_HELD = 3  # another live run holds output.uri
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -48,8 +50,18 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--label", action="append", default=None, metavar="NAME",
                      help="names of the compared runs, in order (default: their last path segments)")
 
-    b = sub.add_parser("bench", help="decode speed and memory per mode (prints figures)")
+    b = sub.add_parser("bench", help="decode speed and memory per mode, or pipeline overhead (prints figures)")
     b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
+    b.add_argument("--workload", default="decode", choices=["decode", "precision", "pipeline", "plan"],
+                   help="decode: the decode loop per mode; precision: the controller's effect in float32 vs "
+                        "bf16/fp16; pipeline: the job's cost per row outside the model; "
+                        "plan: run --dry-run time and memory on a generated corpus")
+    b.add_argument("--rows", default="1000,6000",
+                   help="pipeline: the two run sizes (manifest rows) whose difference gives the cost per row")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="pipeline: config override for the measured runs (repeatable)")
+    b.add_argument("--plan-rows", type=int, default=10_000_000, help="plan: manifest rows")
+    b.add_argument("--plan-done", type=int, default=1_000_000, help="plan: (sample, mode) rows already written")
     b.add_argument("--model", default="builtin:tiny-qwen2.5-vl", help="model to load (see model.name_or_path)")
     b.add_argument("--arch", default=None, help="build this architecture with random weights (qwen2.5-vl-7b, tiny-qwen2.5-vl)")
     b.add_argument("--random-init", action="store_true", help="with --arch: random weights (no checkpoint needed)")
@@ -61,8 +73,6 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
     b.add_argument("--batch", type=int, default=8, help="the larger batch size measured")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    b.add_argument("--workload", default="decode", choices=["decode", "precision"],
-                   help="decode: speed and memory per mode; precision: the controller's effect in float32 vs bf16/fp16")
     b.add_argument("--no-hf", action="store_true", help="skip HF generate (e.g. at 7B size on CPU)")
     b.add_argument("--prompts", type=int, default=4, help="prompts in the precision workload")
 
@@ -83,21 +93,39 @@ def _load(args):
 
 
 def cmd_run(args) -> int:
+    from .lease import LeaseHeld, current_holder
     from .manifest import ManifestError
-    from .pipeline import plan_run, run_job
+    from .pipeline import new_run_id, plan_run, run_job, take_lease
 
     cfg = _load(args)
-    try:
-        plan = plan_run(cfg, overwrite=args.overwrite, dry_run=args.dry_run)
-    except ManifestError as e:
-        print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
-        return EXIT_USAGE
     if args.dry_run:
+        try:
+            plan = plan_run(cfg, overwrite=args.overwrite, dry_run=True)
+        except ManifestError as e:
+            print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        holder = current_holder(cfg.output.uri)
         print(json.dumps({"samples": plan.num_samples, "pairs_total": plan.num_pairs_total,
                           "pairs_done": plan.num_pairs_done, "pairs_pending": plan.num_pairs_pending,
-                          "config_hash": plan.config_hash, "manifest": plan.manifest_summary}, indent=2))
+                          "config_hash": plan.config_hash, "manifest": plan.manifest_summary,
+                          "held_by_run": holder.run_id if holder else None}, indent=2))
         return 0
-    res = run_job(cfg, plan=plan)
+    # The lease first: planning reads what is done, and no other run may write between that
+    # read and this run's work.
+    try:
+        lease = take_lease(cfg, new_run_id())
+    except LeaseHeld as e:
+        print(f"vreason-batch: output in use: {e}", file=sys.stderr)
+        return EXIT_LEASE_HELD
+    try:
+        try:
+            plan = plan_run(cfg, overwrite=args.overwrite, run_id=lease.run_id)
+        except ManifestError as e:
+            print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
+            return EXIT_USAGE
+        res = run_job(cfg, plan=plan, lease=lease)
+    finally:
+        lease.release()
     print(
         f"[vreason-batch] done: run {res.run_id}: {res.rows_written} rows in {res.files_written} files under "
         f"{res.output_uri} ({res.skipped_done} already there), {res.rows_failed} failed"
@@ -182,9 +210,18 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import run_bench
+    if args.workload == "pipeline":
+        from .bench_pipeline import run_pipeline_bench
 
-    figures = run_bench(args)
+        figures = run_pipeline_bench(args)
+    elif args.workload == "plan":
+        from .bench_pipeline import run_plan_bench
+
+        figures = run_plan_bench(args)
+    else:
+        from .bench import run_bench
+
+        figures = run_bench(args)
     if args.json:
         print(json.dumps(figures))
     return 0

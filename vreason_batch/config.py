@@ -78,6 +78,13 @@ class OutputConfig(_Strict):
     uri: str = Field(..., description="local directory or s3://bucket/prefix for the Parquet output")
     rows_per_file: int = Field(256, ge=1, description="result rows per Parquet file (one file per shard)")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression")
+    flush_interval_s: float = Field(
+        60.0, gt=0, description="finished rows are written at least this often, even before rows_per_file of them"
+    )
+    lease_ttl_s: float = Field(
+        120.0, ge=5, description="the run's lease on output.uri expires this long after its last renewal "
+        "(a killed run blocks the output this long); keep it well above clock skew between drivers",
+    )
 
 
 class ModelConfig(_Strict):
@@ -167,6 +174,14 @@ class RuntimeConfig(_Strict):
         2, ge=0, description="Ray retries of a video task / model batch whose worker died (crash, node loss)"
     )
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
+    max_pipeline_restarts: int = Field(
+        3, ge=0, description="times a run rebuilds its pipeline for the rows still missing once Ray's own "
+        "retries are spent on lost workers or nodes",
+    )
+    max_samples_per_block: int = Field(
+        32, ge=1, description="most samples per Ray Data input block (one video task); small runs use fewer so "
+        "every model actor gets several blocks",
+    )
 
 
 class Config(_Strict):

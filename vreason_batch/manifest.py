@@ -1,14 +1,17 @@
 """Manifest readers (JSONL, JSON, Parquet, CSV; local or s3://), annotation mode, deterministic
 sample ids and sharding.
 
-Read on the driver before any cluster work: a manifest that cannot be read at all raises
-`ManifestError`; a single unusable row becomes a `Sample` with error_type="bad_manifest_row",
-so that it is written to the output exactly once instead of silently dropped.
+Read on the driver before any cluster work, as a stream (`ManifestReader`): memory does not grow
+with the manifest's size. A manifest that cannot be read at all raises `ManifestError`; a single
+unusable row (a missing question, a JSONL line that is not valid JSON) becomes a `Sample` with
+error_type="bad_manifest_row", so that it is written to the output exactly once instead of
+silently dropped or failing the whole run.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -17,6 +20,7 @@ import os
 import posixpath
 import re
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 from vreason_batch import storage
@@ -90,9 +94,9 @@ def _missing(value: Any) -> bool:
     """None, NaN (pandas-written Parquet / CSV) and blank strings all mean "no value"."""
     if value is None:
         return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and not value.strip()
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, float) and math.isnan(value)
 
 
 def normalize_answer(value: Any) -> str | None:
@@ -146,6 +150,8 @@ def resolve_video(video: str, base: str | None) -> str:
     onto the current directory.
     """
     video = video.strip()
+    if base is not None and _plain_relative(video):  # the common case, 10M times a corpus: no normpath
+        return _base_prefix(base) + video
     scheme, bucket, path = storage.parse_uri(video)  # raises StorageError for http:// and friends
     if bucket is not None:
         return video
@@ -157,6 +163,24 @@ def resolve_video(video: str, base: str | None) -> str:
         key = posixpath.normpath(posixpath.join(base_key, path))
         return f"s3://{base_bucket}/{key}"
     return os.path.normpath(os.path.join(os.path.abspath(base or os.getcwd()), path))
+
+
+def _plain_relative(video: str) -> bool:
+    """A relative path that normpath would leave as it is: no scheme, ~, ., .., // or trailing /."""
+    return (
+        bool(video) and "://" not in video and not video.startswith(("/", "~"))
+        and "//" not in video and "/." not in "/" + video and not video.endswith("/")
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _base_prefix(base: str) -> str:
+    """What resolve_video puts before a plain relative path under `base`, ending in "/"."""
+    if storage.is_s3(base):
+        _, bucket, key = storage.parse_uri(base)
+        key = posixpath.normpath(key) if key.strip("/") else key.rstrip("/")
+        return f"s3://{bucket}/{key}/" if key else f"s3://{bucket}/"
+    return os.path.abspath(base).rstrip("/") + "/"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,23 +255,6 @@ def _row_to_sample(
     )
 
 
-def _dedupe(samples: list[Sample]) -> tuple[list[Sample], int, list[str]]:
-    """Keep the first sample of each sample_id; count the rest and name a few."""
-    seen: set[str] = set()
-    unique: list[Sample] = []
-    examples: list[str] = []
-    dropped = 0
-    for s in samples:
-        if s.sample_id in seen:
-            dropped += 1
-            if len(examples) < MAX_DUPLICATE_EXAMPLES and s.sample_id not in examples:
-                examples.append(s.sample_id)
-            continue
-        seen.add(s.sample_id)
-        unique.append(s)
-    return unique, dropped, examples
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading files
 
@@ -277,18 +284,53 @@ def _check_objects(items: list[Any], uri: str, what: str) -> list[dict[str, Any]
     return items
 
 
+@dataclass
+class BadLine:
+    """A manifest line that is not a JSON object: carried on as a bad_manifest_row, never fatal."""
+
+    text: str
+    problem: str
+
+
+def _jsonl_rows(lines: Iterator[bytes], uri: str) -> Iterator[tuple[int, dict[str, Any] | BadLine]]:
+    """(line number, row) for each non-blank line; a line that is not a JSON object is a BadLine.
+
+    At corpus scale one malformed line is a fact of life, so it costs one error row, not the run.
+    """
+    decode = json.JSONDecoder().decode
+    for line_no, raw in enumerate(lines, 1):
+        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # byte-order mark from spreadsheet tools
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield line_no, BadLine(raw.decode("utf-8", "replace").strip(), f"not UTF-8 text: {e}")
+            continue
+        if not line.strip():
+            continue
+        try:
+            row = decode(line)
+        except json.JSONDecodeError as e:
+            yield line_no, BadLine(line.strip(), f"not valid JSON ({e.msg} at column {e.colno})")
+            continue
+        if isinstance(row, dict):
+            yield line_no, row
+        else:
+            yield line_no, BadLine(line.strip(), f"a JSON {type(row).__name__}, not an object")
+
+
 def parse_rows(data: bytes, fmt: str, uri: str) -> list[dict[str, Any]]:
-    """The rows of a manifest file's bytes, as dicts. Raises ManifestError when unparseable."""
+    """The rows of a whole manifest file's bytes, as dicts. Raises ManifestError when unparseable.
+
+    Strict (a malformed JSONL line raises): `iter_rows` is the lenient streaming reader jobs use.
+    """
     if fmt == "jsonl":
         rows = []
-        for line_no, line in enumerate(_text(data, uri).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ManifestError(f"manifest {uri}: line {line_no} is not valid JSON: {e}") from None
-        return _check_objects(rows, uri, "row")
+        for line_no, row in _jsonl_rows(iter(data.splitlines()), uri):
+            if isinstance(row, BadLine):
+                raise ManifestError(f"manifest {uri}: line {line_no} is {row.problem}")
+            rows.append(row)
+        return rows
     if fmt == "json":
         try:
             doc = json.loads(_text(data, uri))
@@ -315,6 +357,53 @@ def parse_rows(data: bytes, fmt: str, uri: str) -> list[dict[str, Any]]:
     raise ManifestError(f"unknown manifest format {fmt!r}")
 
 
+PARQUET_BATCH_ROWS = 65_536
+
+
+def iter_rows(uri: str, fmt: str) -> Iterator[tuple[int, dict[str, Any] | BadLine]]:
+    """(row number, row) of a manifest, streamed: memory stays bounded whatever the manifest's size.
+
+    JSONL is read line by line (row number = line number; a malformed line is a BadLine), CSV row
+    by row, Parquet a row group batch at a time. A JSON document is one value and is read whole.
+    Raises ManifestError when the file cannot be read at all.
+    """
+    try:
+        if fmt == "jsonl":
+            yield from _jsonl_rows(storage.iter_lines(uri), uri)
+        elif fmt == "csv":
+            lines = (_text(b, uri) for b in storage.iter_lines(uri, keep_ends=True))
+            try:
+                yield from enumerate(csv.DictReader(lines), 1)
+            except csv.Error as e:
+                raise ManifestError(f"manifest {uri} is not valid CSV: {e}") from None
+        elif fmt == "parquet":
+            yield from _parquet_rows(uri)
+        else:
+            yield from enumerate(parse_rows(storage.read_bytes(uri), fmt, uri), 1)
+    except storage.NotFound:
+        raise ManifestError(f"manifest not found: {uri}") from None
+    except storage.StorageError as e:
+        raise ManifestError(f"cannot read manifest {uri}: {e}") from None
+
+
+def _parquet_rows(uri: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = storage.pyarrow_fs(uri)
+    try:
+        f = pq.ParquetFile(path, filesystem=fs)
+    except FileNotFoundError:
+        raise storage.NotFound(f"{uri}: no such file") from None
+    except (pa.ArrowException, OSError) as e:
+        raise ManifestError(f"manifest {uri} is not a readable Parquet file: {e}") from None
+    n = 0
+    for batch in f.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+        for row in batch.to_pylist():
+            n += 1
+            yield n, row
+
+
 def _manifest_dir(uri: str) -> str:
     if storage.is_s3(uri):
         return uri.rsplit("/", 1)[0]
@@ -326,38 +415,171 @@ def _dataset_name(uri: str) -> str:
     return os.path.splitext(uri.rstrip("/").rsplit("/", 1)[-1])[0]
 
 
-def _read_manifest(cfg: InputConfig) -> tuple[list[Sample], int, str]:
-    uri = cfg.manifest
-    assert uri is not None
-    fmt = detect_format(uri, cfg.format)
-    try:
-        data = storage.read_bytes(uri)
-    except storage.NotFound:
-        raise ManifestError(f"manifest not found: {uri}") from None
-    except storage.StorageError as e:
-        raise ManifestError(f"cannot read manifest {uri}: {e}") from None
-    rows = parse_rows(data, fmt, uri)
-    if not rows:
-        raise ManifestError(f"manifest {uri} has no rows")
-
-    cols = cfg.columns
-    present = set().union(*(row.keys() for row in rows))
-    for role in ("question",) if cfg.text_only else ("video", "question"):
-        name = getattr(cols, role)
-        if name not in present:
-            found = ", ".join(sorted(str(c) for c in present))
-            hint = f"set input.columns.{role}"
-            if role == "video":
-                hint += "; for text questions to a text model set input.text_only: true"
-            raise ManifestError(f"manifest {uri} has no {role} column {name!r} ({hint}); columns found: {found}")
-
-    base = cfg.video_root if cfg.video_root is not None else _manifest_dir(uri)
-    dataset = _dataset_name(uri)
-    samples = [_row_to_sample(row, n, cols, base, dataset, cfg.text_only) for n, row in enumerate(rows, 1)]
-    return samples, len(rows), fmt
+ID_CHUNK = 8192
 
 
-def _annotation_samples(ann: AnnotateConfig) -> tuple[list[Sample], int]:
+def _batched(items: Iterator[Sample], n: int) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class IdSet:
+    """The sample ids seen so far, 16 bytes each: a set of 10M id strings would take ~1.5 GB.
+
+    Each id is kept as its 128-bit BLAKE2b digest (two uint64, `hi` and `lo`) in a few sorted
+    runs of geometric sizes (merged like an LSM tree), so adding a chunk costs a few vectorised
+    binary searches. Two different ids share a digest with probability ~n^2 / 2^129 (1e-25 for
+    10M ids): never, in practice.
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[Any, Any]] = []  # (hi sorted ascending, lo in the same order)
+
+    def add_new(self, ids: list[str]) -> list[bool]:
+        """For each id, in order: whether it is new (not seen before, nor earlier in `ids`). Records all."""
+        import numpy as np
+
+        digests = [hashlib.blake2b(i.encode("utf-8"), digest_size=16).digest() for i in ids]
+        first: dict[bytes, int] = {}
+        for k, d in enumerate(digests):
+            first.setdefault(d, k)
+        new = np.zeros(len(ids), dtype=bool)
+        new[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = True
+        q = np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2)  # [n, (hi, lo)]
+        order = np.argsort(q[:, 0])
+        q_hi = q[order, 0]  # sorted queries: searchsorted walks the run once, cache-friendly
+        for hi, lo in self.runs:
+            left = np.searchsorted(hi, q_hi)
+            for j in np.flatnonzero(hi[np.minimum(left, len(hi) - 1)] == q_hi):
+                k, pos = order[j], left[j]
+                while new[k] and pos < len(hi) and hi[pos] == q_hi[j]:  # equal hi: rare, compare lo
+                    new[k] = lo[pos] != q[k, 1]
+                    pos += 1
+        fresh = q[new]
+        if len(fresh):
+            by_hi = np.argsort(fresh[:, 0], kind="stable")
+            self._push(fresh[by_hi, 0].copy(), fresh[by_hi, 1].copy())
+        return new.tolist()
+
+    def _push(self, hi, lo) -> None:
+        import numpy as np
+
+        self.runs.append((hi, lo))
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
+            (h2, l2), (h1, l1) = self.runs.pop(), self.runs.pop()
+            h, lo_ = np.concatenate([h1, h2]), np.concatenate([l1, l2])
+            by_hi = np.argsort(h, kind="stable")
+            self.runs.append((h[by_hi], lo_[by_hi]))
+
+
+class ManifestReader:
+    """A job's input as a stream of Samples: manifest rows, or annotated videos x questions.
+
+    De-duplicated by sample_id (first wins), then cut to `cfg.limit`. One pass, in bounded memory
+    besides the ids seen (16 bytes each, `IdSet`): iterate once, then read the counts
+    (`num_rows`, `num_duplicates`, ...) and `summary()`. Raises ManifestError, at the end of the
+    pass and so before any cluster work, when the input has no rows or lacks a required column.
+    """
+
+    def __init__(self, cfg: InputConfig):
+        self.cfg = cfg
+        if cfg.annotate is not None:
+            self.source, self.format = cfg.annotate.videos, "annotate"
+        else:
+            assert cfg.manifest is not None
+            self.source, self.format = cfg.manifest, detect_format(cfg.manifest, cfg.format)
+        self.num_rows = 0  # rows read (annotation: videos x questions)
+        self.num_samples = 0  # unique samples yielded
+        self.num_duplicates = 0  # rows dropped because an earlier row had the same sample_id
+        self.duplicate_ids: list[str] = []  # a few of those ids
+        self.num_bad_rows = 0  # yielded samples carried as bad_manifest_row error rows
+        self.num_over_limit = 0  # unique samples left out by input.limit
+
+    def __iter__(self) -> Iterator[Sample]:
+        seen = IdSet()
+        limit = self.cfg.limit
+        for chunk in _batched(self._samples(), ID_CHUNK):
+            for s, new in zip(chunk, seen.add_new([s.sample_id for s in chunk])):
+                self.num_rows += 1
+                if not new:
+                    self.num_duplicates += 1
+                    if len(self.duplicate_ids) < MAX_DUPLICATE_EXAMPLES and s.sample_id not in self.duplicate_ids:
+                        self.duplicate_ids.append(s.sample_id)
+                    continue
+                if limit is not None and self.num_samples >= limit:
+                    self.num_over_limit += 1
+                    continue
+                self.num_samples += 1
+                if s.error_type is not None:
+                    self.num_bad_rows += 1
+                yield s
+
+    def _samples(self) -> Iterator[Sample]:
+        if self.cfg.annotate is not None:
+            yield from _annotation_samples(self.cfg.annotate)
+            return
+        cfg, uri = self.cfg, self.source
+        cols = cfg.columns
+        base = cfg.video_root if cfg.video_root is not None else _manifest_dir(uri)
+        dataset = _dataset_name(uri)
+        required = [getattr(cols, role) for role in (("question",) if cfg.text_only else ("video", "question"))]
+        present: set[str] = set()
+        missing = set(required)
+        first_bad: str | None = None
+        n_good = 0
+        for number, row in iter_rows(uri, self.format):
+            if isinstance(row, BadLine):
+                first_bad = first_bad or f"line {number} is {row.problem}"
+                yield _bad_line_sample(row, number, dataset)
+                continue
+            n_good += 1
+            if missing:  # column names are gathered only until every required one was seen
+                present.update(str(k) for k in row)
+                missing.difference_update(row)
+            yield _row_to_sample(row, number, cols, base, dataset, cfg.text_only)
+        if not n_good:
+            why = f": {first_bad}" if first_bad else ""
+            raise ManifestError(f"manifest {uri} has no rows{why}")
+        for name in required:
+            if name in missing:
+                role = next(r for r in ("video", "question") if getattr(cols, r) == name)
+                found = ", ".join(sorted(present))
+                hint = f"set input.columns.{role}"
+                if role == "video":
+                    hint += "; for text questions to a text model set input.text_only: true"
+                raise ManifestError(f"manifest {uri} has no {role} column {name!r} ({hint}); columns found: {found}")
+
+    def summary(self) -> str:
+        parts = [f"{self.num_samples} samples from {self.num_rows} rows of {self.source} ({self.format})"]
+        if self.num_duplicates:
+            parts.append(f"{self.num_duplicates} duplicates dropped (e.g. {', '.join(self.duplicate_ids[:3])})")
+        if self.num_bad_rows:
+            parts.append(f"{self.num_bad_rows} bad rows kept as error rows")
+        if self.num_over_limit:
+            parts.append(f"{self.num_over_limit} left out by input.limit")
+        return "; ".join(parts)
+
+
+def _bad_line_sample(line: BadLine, number: int, dataset: str) -> Sample:
+    """A line that is not a JSON object: an error Sample whose id is stable for the same manifest."""
+    content = json.dumps([number, line.text], ensure_ascii=False)
+    return Sample(
+        sample_id=f"row{number}-" + hashlib.sha256(content.encode("utf-8")).hexdigest()[:12],
+        video="",
+        question="",
+        dataset=dataset,
+        error_type="bad_manifest_row",
+        error=f"manifest line {number}: {line.problem}: {line.text[:200]!r}",
+    )
+
+
+def _annotation_samples(ann: AnnotateConfig) -> Iterator[Sample]:
     try:
         videos = storage.list_files(ann.videos, ann.pattern)
     except storage.StorageError as e:
@@ -365,31 +587,24 @@ def _annotation_samples(ann: AnnotateConfig) -> tuple[list[Sample], int]:
     if not videos:
         raise ManifestError(f"input.annotate.videos: no files matching {ann.pattern!r} under {ann.videos}")
     cols = ColumnMap()
-    rows = [{cols.video: v, cols.question: q} for v in videos for q in ann.questions]
-    samples = [_row_to_sample(row, n, cols, None, ann.dataset) for n, row in enumerate(rows, 1)]
-    return samples, len(rows)
+    n = 0
+    for v in videos:
+        for q in ann.questions:
+            n += 1
+            yield _row_to_sample({cols.video: v, cols.question: q}, n, cols, None, ann.dataset)
 
 
 def read_samples(cfg: InputConfig) -> ManifestResult:
-    """All samples of a job's input: manifest rows, or annotated videos x questions.
-
-    De-duplicated by sample_id (first wins), then cut to `cfg.limit`.
-    """
-    if cfg.annotate is not None:
-        samples, num_rows = _annotation_samples(cfg.annotate)
-        source, fmt = cfg.annotate.videos, "annotate"
-    else:
-        samples, num_rows, fmt = _read_manifest(cfg)
-        source = cfg.manifest
-    unique, num_duplicates, duplicate_ids = _dedupe(samples)
-    kept = unique[: cfg.limit] if cfg.limit is not None else unique
+    """All samples of a job's input, in memory (small inputs, tests); jobs stream `ManifestReader`."""
+    reader = ManifestReader(cfg)
+    samples = list(reader)
     return ManifestResult(
-        samples=kept,
-        source=source,
-        format=fmt,
-        num_rows=num_rows,
-        num_duplicates=num_duplicates,
-        duplicate_ids=duplicate_ids,
-        num_bad_rows=sum(1 for s in kept if s.error_type is not None),
-        num_over_limit=len(unique) - len(kept),
+        samples=samples,
+        source=reader.source,
+        format=reader.format,
+        num_rows=reader.num_rows,
+        num_duplicates=reader.num_duplicates,
+        duplicate_ids=reader.duplicate_ids,
+        num_bad_rows=reader.num_bad_rows,
+        num_over_limit=reader.num_over_limit,
     )

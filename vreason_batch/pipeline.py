@@ -4,65 +4,96 @@ Ray Data does the scheduling, streaming and backpressure; this module builds the
 the stages and drives it. Planning is in `plan`, the stage functions in `stages`, the output
 store and run records in `results`.
 
-Exactly-once: the driver is the sink. It pulls result batches of `rows_per_file` rows from the
-stream and writes each as one whole object named by its keys (`results.write_shard`). A re-run
-first reads the keys already written and only schedules what is missing; a retried write of the
-same rows lands on the same key.
+Exactly-once: the driver is the sink. It takes result blocks from the stream as they arrive and
+writes whole objects named by their keys (`results.ResultSink`: every `rows_per_file` rows, or
+`flush_interval_s` after a row arrived). A re-run first reads the keys already written and only
+schedules what is missing; a retried write of the same rows lands on the same key. One run per
+output at a time: the driver holds a lease on the output (`lease`) while it plans and writes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
 
 from .config import Config
-from .plan import RunPlan, plan_run
-from .results import RunResult, tally, write_run_record, write_shard
-from .stages import ModelStage, expand_modes, load_video_row, metrics_collector_class, model_needs_video
+from .lease import Lease, LeaseLost
+from .plan import RunPlan, new_run_id, plan_run
+from .results import ResultSink, RunResult, write_run_record
+from .stages import ModelStage, metrics_collector_class, model_needs_video, video_stage
+
+log = logging.getLogger(__name__)
 
 MAX_INPUT_BLOCKS = 100_000
+BLOCKS_PER_ACTOR = 8  # small runs: at least this many input blocks per model actor, for balance
+# Ray Data cuts a task's output into blocks of about this size. Small, so that a row with frames
+# (~1-30 MB) travels alone and reaches a model actor as soon as it is decoded, while rows without
+# frames (errors, text) travel in bulk: Ray's cost on the driver is per block, not per row.
+STAGE_BLOCK_BYTES = 1 << 20
+
+
+def samples_per_block(cfg: Config, num_samples: int) -> int:
+    """Samples in one input block (one video task).
+
+    Ray Data's driver-side cost is per block and per task, so blocks hold many samples; but a
+    model actor's task spans its input block, so a small run gets smaller blocks to give every
+    actor several, and no block exceeds runtime.max_samples_per_block (unless MAX_INPUT_BLOCKS would).
+    """
+    rt = cfg.runtime
+    by_balance = -(-num_samples // (BLOCKS_PER_ACTOR * rt.num_actors))
+    by_cap = -(-num_samples // MAX_INPUT_BLOCKS)
+    return max(1, by_cap, min(rt.max_samples_per_block, by_balance))
 
 
 def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
-    """Wire manifest rows -> video stage -> mode expansion -> model actors (a lazy Ray Dataset)."""
-    import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+    """Wire pending samples -> video stage -> model actors (a lazy Ray Dataset).
 
-    items = [{**s.to_dict(), "modes": modes} for s, modes in plan.pending]
+    The input is the plan's Arrow tables cut into blocks of `samples_per_block` samples: no
+    Python object per sample on the driver, and a few Ray blocks and tasks per many samples.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+
     rt = cfg.runtime
-    # one sample per block (up to a cap for huge corpora): an actor task then spans about one
-    # batch, and results reach the driver, and so the object store, as each batch finishes.
-    # With fewer, larger blocks Ray Data bundles several batches into one task whose output only
-    # appears when the whole task ends, so a killed driver would lose all of it.
-    n_blocks = max(1, min(len(items), MAX_INPUT_BLOCKS))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
-    ds = ds.map(
-        load_video_row,
-        fn_kwargs={"video_cfg": cfg.video.model_dump(), "needs_video": model_needs_video(cfg)},
-        num_cpus=1,
-        compute=TaskPoolStrategy(size=rt.video_workers),
-        # bounded: a sample that kills its worker every time must fail the job (which then
-        # resumes), not retry forever. Passed as remote args: Ray 2.60 has no named parameter.
-        max_retries=rt.max_task_retries,
-    )
-    ds = ds.flat_map(expand_modes)
-    ds = ds.map_batches(
-        ModelStage,
-        fn_constructor_kwargs={
-            "cfg_json": cfg.model_dump_json(),
-            "run_id": plan.run_id,
-            "config_hash": plan.config_hash,
-            "metrics_actor": metrics_actor,
-        },
-        batch_size=rt.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=rt.num_actors),
-        num_gpus=rt.num_gpus_per_actor or None,
-        num_cpus=rt.num_cpus_per_actor,
-        max_restarts=rt.max_task_retries,
-        max_task_retries=rt.max_task_retries,
-    )
+    k = samples_per_block(cfg, plan.num_samples_pending)
+    blocks = [t.slice(i, k) for t in plan.pending_tables for i in range(0, t.num_rows, k)]
+    # A Dataset seals the current DataContext when it is created: set the block size for ours only.
+    ctx = DataContext.get_current()
+    saved_block_bytes = ctx.target_max_block_size
+    ctx.target_max_block_size = STAGE_BLOCK_BYTES
+    try:
+        ds = ray.data.from_arrow(blocks)
+        ds = ds.map_batches(
+            video_stage,
+            fn_kwargs={"video_cfg": cfg.video.model_dump(), "needs_video": model_needs_video(cfg)},
+            batch_size=None,  # the whole block: video_stage decides what travels together
+            batch_format="pyarrow",
+            num_cpus=1,
+            compute=TaskPoolStrategy(size=rt.video_workers),
+            # bounded: a sample that kills its worker every time must fail the job (which then
+            # resumes), not retry forever. Passed as remote args: Ray 2.60 has no named parameter.
+            max_retries=rt.max_task_retries,
+        )
+        ds = ds.map_batches(
+            ModelStage,
+            fn_constructor_kwargs={
+                "cfg_json": cfg.model_dump_json(),
+                "run_id": plan.run_id,
+                "config_hash": plan.config_hash,
+                "metrics_actor": metrics_actor,
+            },
+            batch_size=rt.batch_size,
+            batch_format="pyarrow",
+            compute=ActorPoolStrategy(size=rt.num_actors),
+            num_gpus=rt.num_gpus_per_actor or None,
+            num_cpus=rt.num_cpus_per_actor,
+            max_restarts=rt.max_task_retries,
+            max_task_retries=rt.max_task_retries,
+        )
+    finally:
+        ctx.target_max_block_size = saved_block_bytes
     return ds
 
 
@@ -87,31 +118,56 @@ class _Progress:
         self.t0 = self.t_last = time.perf_counter()
         self.printed = -1
 
-    def update(self, res: RunResult, force: bool = False) -> None:
+    def update(self, sink: ResultSink, force: bool = False) -> None:
+        """A progress line counting rows finished (received from the model actors) and written."""
+        res, done = sink.result, sink.rows_finished
         now = time.perf_counter()
-        if (not force and now - self.t_last < self.interval_s) or (force and self.printed == res.rows_written):
+        if (not force and now - self.t_last < self.interval_s) or (force and self.printed == done):
             return
-        self.t_last, self.printed = now, res.rows_written
+        self.t_last, self.printed = now, done
         el = now - self.t0
-        done = res.rows_written
         pct = 100.0 * done / self.total if self.total else 100.0
         rate = done / el if el else 0.0
         eta = (self.total - done) / rate if rate else float("nan")
         width = 30
         bar = "#" * int(width * pct / 100) + "-" * (width - int(width * pct / 100))
         print(
-            f"[vreason-batch] [{bar}] {done}/{self.total} rows ({pct:.0f}%) failed={res.rows_failed} "
-            f"files={res.files_written} out_tok/s={res.output_tokens / el if el else 0:.1f} "
+            f"[vreason-batch] [{bar}] {done}/{self.total} rows finished ({pct:.0f}%), {res.rows_written} written "
+            f"in {res.files_written} files, failed={res.rows_failed} out_tok/s={res.output_tokens / el if el else 0:.1f} "
             f"elapsed={el:.0f}s eta={eta:.0f}s",
             flush=True,
         )
 
 
-def run_job(cfg: Config, overwrite: bool = False, plan: RunPlan | None = None) -> RunResult:
-    """Plan, run on Ray, write Parquet + the run record. Safe to re-run: skips what is written."""
-    import ray
+def take_lease(cfg: Config, run_id: str) -> Lease:
+    """This run's lease on the output (raises LeaseHeld naming a live holder); renewed until released."""
+    lease = Lease(cfg.output.uri, run_id, cfg.output.lease_ttl_s).acquire()
+    lease.start_renewing()
+    return lease
 
-    plan = plan or plan_run(cfg, overwrite=overwrite)
+
+def run_job(cfg: Config, overwrite: bool = False, plan: RunPlan | None = None, lease: Lease | None = None) -> RunResult:
+    """Take the output's lease, plan, run on Ray, write Parquet + the run record. Safe to re-run.
+
+    Without `plan`, the lease is taken before planning, so no other run writes between reading
+    what is done and doing the rest; `vreason-batch run` does the same and passes both in.
+    Raises LeaseHeld (before any cluster work) when another live run holds the output.
+    """
+    own_lease = lease is None
+    if own_lease:
+        lease = take_lease(cfg, plan.run_id if plan else new_run_id())
+    try:
+        plan = plan or plan_run(cfg, overwrite=overwrite, run_id=lease.run_id)
+        return _run(cfg, plan, lease)
+    finally:
+        if own_lease:
+            lease.release()
+
+
+def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     result = RunResult(run_id=plan.run_id, output_uri=cfg.output.uri, skipped_done=plan.num_pairs_done)
     print(
         f"[vreason-batch] run {plan.run_id}: {plan.manifest_summary}; {plan.num_pairs_done} of "
@@ -126,20 +182,51 @@ def run_job(cfg: Config, overwrite: bool = False, plan: RunPlan | None = None) -
         return result
 
     init_ray()
-    metrics = metrics_collector_class().remote()
-    ds = build_dataset(cfg, plan, metrics)
+    # on the driver's node: a node lost mid-run must not take the run's metrics with it
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    metrics = metrics_collector_class().options(scheduling_strategy=here).remote()
+    out = cfg.output
+    # lease.check before every write: a run whose lease was taken over must not write
+    sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check)
     progress = _Progress(plan.num_pairs_pending, cfg.runtime.progress_interval_s)
+    restarts: list[str] = []
     try:
-        for table in ds.iter_batches(batch_size=cfg.output.rows_per_file, batch_format="pyarrow", prefetch_batches=1):
-            write_shard(cfg.output.uri, table, cfg.output.compression)
-            tally(result, table)
-            progress.update(result)
+        todo = plan
+        while todo.num_pairs_pending:
+            try:
+                # batch_size=None: each block as it arrives; the sink groups rows into files
+                for table in build_dataset(cfg, todo, metrics).iter_batches(batch_size=None, batch_format="pyarrow"):
+                    sink.add(table)
+                    progress.update(sink)
+                break
+            except _lost_cluster_work() as e:
+                # Ray's own retries are spent (e.g. a node lost while its actor restarts elsewhere):
+                # keep what finished, ask the output what is still missing, and run that.
+                if len(restarts) >= cfg.runtime.max_pipeline_restarts:
+                    raise
+                restarts.append(f"{type(e).__name__}: {str(e)[:300]}")
+                log.warning("pipeline failed (%s); restart %d of %d on what is still missing",
+                            restarts[-1], len(restarts), cfg.runtime.max_pipeline_restarts)
+                sink.flush()
+                todo = plan_run(cfg, run_id=plan.run_id)
+        sink.close()
     except BaseException as e:
+        try:
+            sink.close(write=not isinstance(e, LeaseLost))  # the rows that did finish are kept
+        except Exception as close_err:  # noqa: BLE001 - the first error is the one to raise
+            log.warning("writing the rows finished before the failure: %s", close_err)
         result.wall_s = time.perf_counter() - t0
-        write_run_record(cfg, plan, "failed", result, {"error": f"{type(e).__name__}: {e}"})
+        write_run_record(cfg, plan, "failed", result, {"error": f"{type(e).__name__}: {e}", "pipeline_restarts": restarts})
         raise
     result.wall_s = time.perf_counter() - t0
-    progress.update(result, force=True)
+    progress.update(sink, force=True)
     actor_metrics = ray.get(metrics.get.remote())
-    write_run_record(cfg, plan, "finished", result, {"actor_metrics": actor_metrics})
+    write_run_record(cfg, plan, "finished", result, {"actor_metrics": actor_metrics, "pipeline_restarts": restarts})
     return result
+
+
+def _lost_cluster_work():
+    """Errors that mean work was lost with a process or node, not that a sample is bad."""
+    import ray.exceptions as rx
+
+    return (rx.RayActorError, rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError)

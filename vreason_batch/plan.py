@@ -1,10 +1,11 @@
-"""Planning, on the driver before any cluster work: read the manifest, look at what the output
-already holds, and list the (sample, mode) pairs left to do."""
+"""Planning, on the driver before any cluster work: stream the manifest, look at what the output
+already holds, and list the (sample, mode) pairs left to do, in bounded memory."""
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from .config import Config, ConfigError
@@ -16,42 +17,114 @@ class OutputConflict(ConfigError):
     """The output location holds results of a different config."""
 
 
+# Pending samples are kept as Arrow tables of this many rows, never as one Python object per
+# sample: a 10M-row corpus plans in bounded memory and reaches Ray as Arrow blocks.
+PLAN_CHUNK_SAMPLES = 16_384
+PLAN_SCHEMA_FIELDS = (
+    ("sample_id", "string"), ("video", "string"), ("question", "string"), ("dataset", "string"),
+    ("options", "list"), ("answer_gt", "string"), ("problem_type", "string"), ("error_type", "string"),
+    ("error", "string"), ("modes", "list"),
+)
+
+
+def plan_schema():
+    """The Arrow schema of pending samples: a Sample's fields plus the modes still to do."""
+    import pyarrow as pa
+
+    return pa.schema([(n, pa.list_(pa.string()) if t == "list" else pa.string()) for n, t in PLAN_SCHEMA_FIELDS])
+
+
+class _PendingChunk:
+    """Column lists for up to PLAN_CHUNK_SAMPLES pending samples, turned into one Arrow table."""
+
+    def __init__(self) -> None:
+        self.cols: dict[str, list] = {n: [] for n, _ in PLAN_SCHEMA_FIELDS}
+
+    def add(self, s: Sample, modes: list[str]) -> None:
+        c = self.cols
+        c["sample_id"].append(s.sample_id)
+        c["video"].append(s.video)
+        c["question"].append(s.question)
+        c["dataset"].append(s.dataset)
+        c["options"].append(s.options)
+        c["answer_gt"].append(s.answer_gt)
+        c["problem_type"].append(s.problem_type)
+        c["error_type"].append(s.error_type)
+        c["error"].append(s.error)
+        c["modes"].append(modes)
+
+    def __len__(self) -> int:
+        return len(self.cols["sample_id"])
+
+    def table(self):
+        import pyarrow as pa
+
+        return pa.table(self.cols, schema=plan_schema())
+
+
 @dataclass
 class RunPlan:
     run_id: str
     config_hash: str
-    pending: list[tuple[Sample, list[str]]]  # sample -> modes still to do
+    pending_tables: list  # pyarrow Tables in plan_schema(): samples with modes still to do (empty on a dry run)
     num_samples: int
     num_pairs_total: int
     num_pairs_done: int
     manifest_summary: str
     duplicates_in_output: int = 0
+    num_pairs_pending: int = 0
+    num_samples_pending: int = 0
 
     @property
-    def num_pairs_pending(self) -> int:
-        return sum(len(m) for _, m in self.pending)
+    def pending(self) -> Iterator[tuple[Sample, list[str]]]:
+        """(sample, modes still to do), built one at a time from the Arrow tables (small runs, tests)."""
+        for t in self.pending_tables:
+            for row in t.to_pylist():
+                modes = row.pop("modes")
+                yield Sample(**row), modes
 
 
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def read_done_keys(uri: str) -> tuple[dict[tuple[str, str], str], int]:
-    """{(sample_id, mode): config_hash} already written, and how many keys appear more than once."""
-    import pyarrow.parquet as pq
+@dataclass
+class DoneKeys:
+    """What the output already holds: sample ids per mode, the config hashes seen, duplicates."""
+
+    by_mode: dict[str, set[str]] = field(default_factory=dict)
+    config_hashes: set[str] = field(default_factory=set)
+    duplicates: int = 0  # rows whose (sample_id, mode) appears in an earlier row too
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        sample_id, mode = key
+        return sample_id in self.by_mode.get(mode, ())
+
+
+def read_done_keys(uri: str) -> DoneKeys:
+    """The (sample_id, mode) keys already written under `uri`, read column-wise (three columns only)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pads
 
     from . import storage
 
-    done: dict[tuple[str, str], str] = {}
-    dupes = 0
-    for f in list_result_files(uri):
-        fs, path = storage.pyarrow_fs(f)
-        t = storage.retry(lambda: pq.read_table(path, filesystem=fs, columns=["sample_id", "mode", "config_hash"]), what=f)
-        for sid, mode, h in zip(*(t.column(c).to_pylist() for c in ("sample_id", "mode", "config_hash"))):
-            if (sid, mode) in done:
-                dupes += 1
-            done[(sid, mode)] = h
-    return done, dupes
+    files = list_result_files(uri)
+    done = DoneKeys()
+    if not files:
+        return done
+    fs, _ = storage.pyarrow_fs(uri)
+    paths = [storage.pyarrow_fs(f)[1] for f in files]
+    cols = ["sample_id", "mode", "config_hash"]
+    table = storage.retry(lambda: pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=cols), what=uri)
+    done.config_hashes = set(pc.unique(table.column("config_hash")).to_pylist())
+    n_keys = 0
+    for mode in pc.unique(table.column("mode")).to_pylist():
+        ids = table.filter(pc.equal(table.column("mode"), pa.scalar(mode))).column("sample_id").to_pylist()
+        done.by_mode[mode] = set(ids)
+        n_keys += len(done.by_mode[mode])
+    done.duplicates = table.num_rows - n_keys
+    return done
 
 
 def clear_output(uri: str) -> int:
@@ -68,39 +141,54 @@ def clear_output(uri: str) -> int:
     return removed
 
 
-def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False) -> RunPlan:
-    """Read the manifest, look at what is already written, and list what is left to do.
+def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id: str | None = None) -> RunPlan:
+    """Stream the manifest, look at what is already written, and list what is left to do.
 
-    With `overwrite`, the job's results are deleted first; with `dry_run` too, nothing is deleted
-    and the plan shows what an overwriting run would do.
+    Memory: the ids seen (to drop duplicates), the keys already written, and the pending samples
+    as Arrow tables (not kept on a dry run). With `overwrite`, the job's results are deleted first;
+    with `dry_run` too, nothing is deleted and the plan shows what an overwriting run would do.
     """
-    from .manifest import read_samples
+    from .manifest import ManifestReader
 
-    manifest = read_samples(cfg.input)
+    reader = ManifestReader(cfg.input)
     chash = cfg.config_hash()
     if overwrite and not dry_run:
         clear_output(cfg.output.uri)
-    done, dupes = ({}, 0) if overwrite else read_done_keys(cfg.output.uri)
-    others = {h for h in done.values() if h != chash}
+    done = DoneKeys() if overwrite else read_done_keys(cfg.output.uri)
+    others = done.config_hashes - {chash}
     if others:
         raise OutputConflict(
             f"{cfg.output.uri} already holds results of another config (hash {sorted(others)[0]}; this one is "
             f"{chash}). Use --overwrite to replace them, or another output.uri."
         )
-    pending = []
-    n_done = 0
-    for s in manifest.samples:
-        todo = [m for m in cfg.decoding.modes if (s.sample_id, m) not in done]
-        n_done += len(cfg.decoding.modes) - len(todo)
-        if todo:
-            pending.append((s, todo))
+    modes = list(cfg.decoding.modes)
+    done_sets = [done.by_mode.get(m, set()) for m in modes]
+    tables, chunk = [], _PendingChunk()
+    n_done = n_pairs_pending = n_samples_pending = 0
+    for s in reader:
+        todo = [m for m, ids in zip(modes, done_sets) if s.sample_id not in ids]
+        n_done += len(modes) - len(todo)
+        if not todo:
+            continue
+        n_pairs_pending += len(todo)
+        n_samples_pending += 1
+        if dry_run:
+            continue
+        chunk.add(s, todo)
+        if len(chunk) >= PLAN_CHUNK_SAMPLES:
+            tables.append(chunk.table())
+            chunk = _PendingChunk()
+    if len(chunk):
+        tables.append(chunk.table())
     return RunPlan(
-        run_id=new_run_id(),
+        run_id=run_id or new_run_id(),
         config_hash=chash,
-        pending=pending,
-        num_samples=len(manifest.samples),
-        num_pairs_total=len(manifest.samples) * len(cfg.decoding.modes),
+        pending_tables=tables,
+        num_samples=reader.num_samples,
+        num_pairs_total=reader.num_samples * len(modes),
         num_pairs_done=n_done,
-        manifest_summary=manifest.summary(),
-        duplicates_in_output=dupes,
+        manifest_summary=reader.summary(),
+        duplicates_in_output=done.duplicates,
+        num_pairs_pending=n_pairs_pending,
+        num_samples_pending=n_samples_pending,
     )

@@ -143,3 +143,100 @@ def write_run_record(cfg: Config, plan: RunPlan, status: str, result: RunResult 
     dest = storage.join(cfg.output.uri, RUNS_DIR, f"{plan.run_id}.json")
     storage.retry(lambda: storage.write_bytes(dest, json.dumps(record, indent=2, default=str).encode()), what=dest)
     return dest
+
+
+class ResultSink:
+    """The driver's writer: result tables in from the stream, whole files out.
+
+    A file is written every `rows_per_file` rows, and whatever is buffered once its oldest row has
+    waited `flush_interval_s` (checked by a timer thread, since the stream may be quiet for long),
+    so a killed driver loses at most that much finished work. Each file is named by the keys it
+    holds, so however the rows are grouped a row is written once. `rows_finished` counts rows
+    received, `result.rows_written` rows in files.
+    """
+
+    def __init__(self, uri: str, rows_per_file: int, compression: str, flush_interval_s: float, result: RunResult,
+                 before_write=None):
+        import threading
+
+        self.uri, self.rows_per_file, self.compression = uri, rows_per_file, compression
+        self.flush_interval_s, self.result = flush_interval_s, result
+        self.before_write = before_write  # called before each file; raising stops the write
+        self.rows_finished = 0
+        self._buffer: list = []  # (monotonic arrival time, pyarrow Table), oldest first
+        self._buffered_rows = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._timer = threading.Thread(target=self._flush_on_time, name="vreason-sink-flush", daemon=True)
+        self._timer.start()
+
+    def add(self, table) -> None:
+        """Take one result table from the stream; write every whole file it completes."""
+        import time
+
+        if self._error is not None:
+            raise self._error
+        if not table.num_rows:
+            return
+        with self._lock:
+            self.rows_finished += table.num_rows
+            self._buffer.append((time.monotonic(), table))
+            self._buffered_rows += table.num_rows
+            while self._buffered_rows >= self.rows_per_file:
+                self._write_locked(self.rows_per_file)
+
+    def flush(self) -> None:
+        """Write everything buffered now."""
+        with self._lock:
+            if self._buffered_rows:
+                self._write_locked(self._buffered_rows)
+
+    def close(self, write: bool = True) -> None:
+        """Stop the timer and write what is left (or, with write=False, drop it)."""
+        self._stop.set()
+        self._timer.join()
+        if write:
+            self.flush()
+        if self._error is not None:
+            raise self._error
+
+    def _write_locked(self, n: int) -> None:
+        """Write the oldest `n` buffered rows as one file."""
+        import pyarrow as pa
+
+        if self.before_write is not None:
+            self.before_write()
+
+        parts, need = [], n
+        while need:
+            arrived, t = self._buffer[0]
+            if t.num_rows <= need:
+                parts.append(t)
+                self._buffer.pop(0)
+                need -= t.num_rows
+            else:
+                parts.append(t.slice(0, need))
+                self._buffer[0] = (arrived, t.slice(need))
+                need = 0
+        head = pa.concat_tables(parts, promote_options="default")
+        write_shard(self.uri, head, self.compression)
+        tally(self.result, head)
+        self._buffered_rows -= n
+
+    def _oldest_wait_s(self) -> float:
+        import time
+
+        return time.monotonic() - self._buffer[0][0] if self._buffer else 0.0
+
+    def _flush_on_time(self) -> None:
+        tick = min(1.0, self.flush_interval_s / 4)
+        while not self._stop.wait(tick):
+            with self._lock:
+                if not self._buffer or self._oldest_wait_s() < self.flush_interval_s:
+                    continue
+                try:
+                    self._write_locked(self._buffered_rows)
+                except Exception as e:  # noqa: BLE001 - handed to the driver's thread at its next add/close
+                    self._error = e
+                    return

@@ -19,7 +19,7 @@ MEDIA_TYPES = ("video", "image_as_video", "text")
 
 # Error types written to the `error_type` column. Stable strings: analysts filter on them.
 ERROR_TYPES = (
-    "bad_manifest_row",  # a row without a question / video
+    "bad_manifest_row",  # a manifest row that cannot run: no question / video, or a line that is not JSON
     "video_not_found",  # missing file or key
     "video_empty",  # zero-byte file
     "video_unreadable",  # not a video, truncated, no decodable frames

@@ -1,7 +1,7 @@
 """The stages of the job, run in Ray workers: plain functions and one actor class, testable without Ray.
 
-manifest row -> `load_video_row` (CPU tasks: decode, sample and resize frames) -> `expand_modes`
-(one row per pending mode) -> `ModelStage` (GPU actors: one output row per input row, a result
+block of samples -> `video_stage` (CPU tasks: `load_video_row` decodes, samples and resizes
+frames; `expand_modes` gives one row per pending mode) -> `ModelStage` (GPU actors: one output row per input row, a result
 or an error row in OUTPUT_SCHEMA).
 """
 
@@ -64,6 +64,42 @@ def expand_modes(row: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (sample, pending mode): the model stage is then strictly one row in, one row out."""
     modes = row["modes"]
     return [{**{k: v for k, v in row.items() if k != "modes"}, "mode": m} for m in modes]
+
+
+def stage_schema():
+    """The Arrow schema of rows between the video stage and the model actors."""
+    import pyarrow as pa
+
+    text, ints, num = pa.string(), pa.list_(pa.int64()), pa.float64()
+    return pa.schema([
+        ("sample_id", text), ("video", text), ("question", text), ("dataset", text), ("options", pa.list_(text)),
+        ("answer_gt", text), ("problem_type", text), ("error_type", text), ("error", text), ("mode", text),
+        ("frames", pa.binary()), ("frames_shape", ints), ("frame_indices", ints), ("video_fps", num),
+        ("sampled_fps", num), ("video_duration_s", num),
+    ])
+
+
+def video_stage(block, video_cfg: dict, needs_video: bool):
+    """A block of pending samples (plan_schema) -> one row per (sample, pending mode), with frames or an error.
+
+    A generator over the whole block: each sample's rows with frames are yielded as soon as they
+    are decoded, so model actors start while the task goes on; rows without frames (errors, text
+    questions) are small and go on together at the end, so a block of missing videos costs Ray
+    one output block, not one per sample. What is yielded depends only on the block's content, as
+    Ray's replay of a retried generator task requires.
+    """
+    import pyarrow as pa
+
+    schema = stage_schema()
+    light: list[dict] = []
+    for row in block.to_pylist():
+        rows = expand_modes(load_video_row(row, video_cfg, needs_video))
+        if rows and rows[0]["frames_shape"]:
+            yield pa.Table.from_pylist(rows, schema=schema)
+        else:
+            light.extend(rows)
+    if light:
+        yield pa.Table.from_pylist(light, schema=schema)
 
 
 def _sample_row(row: dict, base: dict) -> dict:

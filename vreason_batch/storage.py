@@ -23,7 +23,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -335,6 +335,48 @@ def read_bytes(uri: str) -> bytes:
     return _s3_call(get, uri, "read")
 
 
+# S3 objects are streamed in ranged GETs of this size; each range is one retried call.
+READ_CHUNK_BYTES = 8 * 2**20
+
+
+def iter_chunks(uri: str, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+    """The content of a local file or S3 object in chunks, so memory does not grow with its size.
+
+    S3: one ranged GET per chunk, each retried on its own, so a connection reset mid-object costs
+    one chunk, not the whole read. Raises NotFound when it does not exist.
+    """
+    scheme, bucket, key = parse_uri(uri)
+    if bucket is None:
+        try:
+            f = open(key, "rb")
+        except FileNotFoundError:
+            raise NotFound(f"{uri}: no such file") from None
+        except IsADirectoryError:
+            raise StorageError(f"{uri}: is a directory, not a file") from None
+        except PermissionError:
+            raise AccessDenied(f"{uri}: permission denied") from None
+        with f:
+            while chunk := f.read(chunk_bytes):
+                yield chunk
+        return
+    size = _s3_call(lambda: s3_client().head_object(Bucket=bucket, Key=key), uri, "head")["ContentLength"]
+    for start in range(0, size, chunk_bytes):
+        rng = f"bytes={start}-{min(size, start + chunk_bytes) - 1}"
+        yield _s3_call(lambda r=rng: s3_client().get_object(Bucket=bucket, Key=key, Range=r)["Body"].read(), uri, "read")
+
+
+def iter_lines(uri: str, keep_ends: bool = False, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+    """The lines of a local file or S3 object, streamed (split on b"\\n"; a final line without one too)."""
+    rest = b""
+    for chunk in iter_chunks(uri, chunk_bytes):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n" if keep_ends else line
+    if rest:
+        yield rest
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file atomically: readers see the old content or the new, never a part."""
     scheme, bucket, key = parse_uri(uri)
@@ -358,6 +400,53 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     # A single PutObject is atomic for the whole object.
     _s3_call(lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data), uri, "write")
+
+
+class AlreadyExists(StorageError, FileExistsError):
+    """A create-if-absent write found the file or object already there."""
+
+
+# S3 answers a conditional write that lost with 412; 409 when another conditional write on the
+# same key is still in flight (the loser of a race).
+_CONDITION_FAILED = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412", "409"})
+
+
+def write_bytes_if_absent(uri: str, data: bytes) -> None:
+    """Create a whole file only if nothing is there yet, atomically; raises AlreadyExists otherwise.
+
+    Of several writers racing for one name exactly one succeeds. Local: the content goes to a temp
+    file that is then hard-linked to the name (link() fails when the name exists, and readers never
+    see a half-written file, unlike O_EXCL + write). S3: PutObject with `If-None-Match: *`.
+    """
+    scheme, bucket, key = parse_uri(uri)
+    if bucket is None:
+        directory = os.path.dirname(os.path.abspath(key))
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(key)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, key)
+        except FileExistsError:
+            raise AlreadyExists(f"{uri}: already exists") from None
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+
+    def put() -> None:
+        try:
+            s3_client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except botocore.exceptions.ClientError as e:
+            err = e.response.get("Error", {})
+            status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+            if str(err.get("Code")) in _CONDITION_FAILED or status in _CONDITION_FAILED:
+                raise AlreadyExists(f"{uri}: already exists") from None
+            raise
+
+    _s3_call(put, uri, "create")
 
 
 # ListObjectsV2 returns at most 1000 keys per page; a module constant so tests can page with less.
