@@ -75,7 +75,7 @@ def stage_schema():
         ("sample_id", text), ("video", text), ("question", text), ("dataset", text), ("options", pa.list_(text)),
         ("answer_gt", text), ("problem_type", text), ("error_type", text), ("error", text), ("mode", text),
         ("frames", pa.binary()), ("frames_shape", ints), ("frame_indices", ints), ("video_fps", num),
-        ("sampled_fps", num), ("video_duration_s", num),
+        ("sampled_fps", num), ("video_duration_s", num), ("media_type", text),
     ])
 
 
