@@ -46,6 +46,18 @@ class ManifestError(ValueError):
     """A manifest that cannot be read at all; the message is meant for the command line."""
 
 
+def _summary(r, num_samples: int) -> str:
+    """One line on what a manifest gave: a ManifestResult or a ManifestReader after its pass."""
+    parts = [f"{num_samples} samples from {r.num_rows} rows of {r.source} ({r.format})"]
+    if r.num_duplicates:
+        parts.append(f"{r.num_duplicates} duplicates dropped (e.g. {', '.join(r.duplicate_ids[:3])})")
+    if r.num_bad_rows:
+        parts.append(f"{r.num_bad_rows} bad rows kept as error rows")
+    if r.num_over_limit:
+        parts.append(f"{r.num_over_limit} left out by input.limit")
+    return "; ".join(parts)
+
+
 @dataclass
 class ManifestResult:
     samples: list[Sample]  # unique by sample_id, manifest order, `limit` applied
@@ -58,14 +70,7 @@ class ManifestResult:
     num_over_limit: int = 0  # unique samples left out by input.limit
 
     def summary(self) -> str:
-        parts = [f"{len(self.samples)} samples from {self.num_rows} rows of {self.source} ({self.format})"]
-        if self.num_duplicates:
-            parts.append(f"{self.num_duplicates} duplicates dropped (e.g. {', '.join(self.duplicate_ids[:3])})")
-        if self.num_bad_rows:
-            parts.append(f"{self.num_bad_rows} bad rows kept as error rows")
-        if self.num_over_limit:
-            parts.append(f"{self.num_over_limit} left out by input.limit")
-        return "; ".join(parts)
+        return _summary(self, len(self.samples))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,14 +561,7 @@ class ManifestReader:
                 raise ManifestError(f"manifest {uri} has no {role} column {name!r} ({hint}); columns found: {found}")
 
     def summary(self) -> str:
-        parts = [f"{self.num_samples} samples from {self.num_rows} rows of {self.source} ({self.format})"]
-        if self.num_duplicates:
-            parts.append(f"{self.num_duplicates} duplicates dropped (e.g. {', '.join(self.duplicate_ids[:3])})")
-        if self.num_bad_rows:
-            parts.append(f"{self.num_bad_rows} bad rows kept as error rows")
-        if self.num_over_limit:
-            parts.append(f"{self.num_over_limit} left out by input.limit")
-        return "; ".join(parts)
+        return _summary(self, self.num_samples)
 
 
 def _bad_line_sample(line: BadLine, number: int, dataset: str) -> Sample:
