@@ -314,19 +314,24 @@ def _s3_call(fn: Callable[[], T], uri: str, what: str) -> T:
         raise StorageError(f"{uri}: {what} failed: {_describe(e)}") from e
 
 
+def _open_local(uri: str, path: str):
+    """A local file opened for reading, its failures mapped to this module's errors."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise NotFound(f"{uri}: no such file") from None
+    except IsADirectoryError:
+        raise StorageError(f"{uri}: is a directory, not a file") from None
+    except PermissionError:
+        raise AccessDenied(f"{uri}: permission denied") from None
+
+
 def read_bytes(uri: str) -> bytes:
     """The whole content of a local file or S3 object. Raises NotFound when it does not exist."""
     scheme, bucket, key = parse_uri(uri)
     if bucket is None:
-        try:
-            with open(key, "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise NotFound(f"{uri}: no such file") from None
-        except IsADirectoryError:
-            raise StorageError(f"{uri}: is a directory, not a file") from None
-        except PermissionError:
-            raise AccessDenied(f"{uri}: permission denied") from None
+        with _open_local(uri, key) as f:
+            return f.read()
 
     def get() -> bytes:
         # The body is read inside the retried call: a connection reset mid-body retries too.
@@ -347,15 +352,7 @@ def iter_chunks(uri: str, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[bytes
     """
     scheme, bucket, key = parse_uri(uri)
     if bucket is None:
-        try:
-            f = open(key, "rb")
-        except FileNotFoundError:
-            raise NotFound(f"{uri}: no such file") from None
-        except IsADirectoryError:
-            raise StorageError(f"{uri}: is a directory, not a file") from None
-        except PermissionError:
-            raise AccessDenied(f"{uri}: permission denied") from None
-        with f:
+        with _open_local(uri, key) as f:
             while chunk := f.read(chunk_bytes):
                 yield chunk
         return
