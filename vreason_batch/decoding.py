@@ -367,3 +367,57 @@ def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSett
             step = decode_one_token(lm, head, st, settings)
             st.retire(_record(st, step, eos, stops, settings.max_new_tokens))
     return [_result(lm.tokenizer, row) for row in sorted(st.done, key=lambda r: r.index)]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sample to decode in one or more modes, from one shared prefill.
+
+    Requests with the same `video_key` carry the same frames (the same `pixel_values_videos`): the
+    engine runs the vision tower once for them and prefills their common prompt prefix (system +
+    video) once, each question's suffix after it.
+    """
+
+    key: Any  # the caller's id for the sample; results are keyed by (key, mode)
+    inputs: ModelInputs
+    modes: tuple[str, ...]
+    video_key: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """What one `decode_requests` call did."""
+
+    vision_encodes: int = 0  # vision-tower passes (one per distinct video)
+    prefill_tokens: int = 0  # prompt tokens run through a prefill forward (padding excluded)
+    decode_steps: int = 0  # decode_one_token calls
+    busy_slot_steps: int = 0  # sum over steps of the live rows
+    slot_steps: int = 0  # sum over steps of the slots (decode_slots)
+    output_tokens: int = 0
+
+    @property
+    def occupancy(self) -> float:
+        return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
+
+
+def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSettings,
+                    slots: int) -> tuple[dict[tuple[Any, str], DecodeResult], EngineStats]:
+    """Decode every (request, mode) with at most `slots` rows live at once; `settings.mode` is
+    replaced by each request's modes. Returns ({(key, mode): result}, stats)."""
+    from dataclasses import replace
+
+    stats = EngineStats()
+    out: dict[tuple[Any, str], DecodeResult] = {}
+    by_mode: dict[str, list[Request]] = {}
+    for r in requests:
+        for m in r.modes:
+            by_mode.setdefault(m, []).append(r)
+    for m, reqs in by_mode.items():
+        for i in range(0, len(reqs), slots):
+            chunk = reqs[i:i + slots]
+            for r, res in zip(chunk, decode_batch(lm, [r.inputs for r in chunk], replace(settings, mode=get_mode(m)))):
+                out[(r.key, m)] = res
+                stats.prefill_tokens += len(r.inputs.input_ids) - 1
+                stats.vision_encodes += r.inputs.pixel_values_videos is not None
+                stats.output_tokens += res.num_output_tokens
+    return out, stats
