@@ -41,8 +41,16 @@ class PolicyState:
     def peak_passed(self) -> torch.Tensor:
         return self.peak_step >= 0
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.ema, self.max_ema, self.max_step, self.peak_step, self.steps
+
     def select(self, idx: torch.Tensor) -> "PolicyState":
-        return PolicyState(*(t[idx] for t in (self.ema, self.max_ema, self.max_step, self.peak_step, self.steps)))
+        return PolicyState(*(t[idx] for t in self._tensors()))
+
+    @staticmethod
+    def concat(a: "PolicyState", b: "PolicyState") -> "PolicyState":
+        """a's samples then b's."""
+        return PolicyState(*(torch.cat([x, y]) for x, y in zip(a._tensors(), b._tensors())))
 
 
 def policy_step(
@@ -120,9 +128,35 @@ class ControllerState:
         zb = torch.zeros(B, dtype=torch.long, device=dev)
         return cls(dv=z, m=z.clone(), v=z.clone(), pos=pos, valid=valid, step=zb, updates=zb.clone())
 
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.dv, self.m, self.v, self.pos, self.valid, self.step, self.updates
+
     def select(self, idx: torch.Tensor) -> "ControllerState":
         """Keep rows `idx` [B'] (indices into the current batch), in that order."""
-        return ControllerState(*(t[idx] for t in (self.dv, self.m, self.v, self.pos, self.valid, self.step, self.updates)))
+        return ControllerState(*(t[idx] for t in self._tensors()))
+
+    def shift(self, n: int) -> "ControllerState":
+        """The same state over a cache with `n` columns added (n > 0) or removed (n < 0) on the left."""
+        if n == 0:
+            return self
+        pos = torch.where(self.valid, self.pos + n, torch.zeros_like(self.pos))
+        return ControllerState(self.dv, self.m, self.v, pos, self.valid, self.step, self.updates)
+
+    @staticmethod
+    def concat(a: "ControllerState", b: "ControllerState") -> "ControllerState":
+        """a's samples then b's, padded to the larger n (padding slots: valid False, dV and moments 0)."""
+        n = max(a.pos.shape[1], b.pos.shape[1])
+
+        def pad(s: "ControllerState") -> tuple[torch.Tensor, ...]:
+            extra = n - s.pos.shape[1]
+            if extra == 0:
+                return s._tensors()
+            z = s.dv.new_zeros((s.dv.shape[0], s.dv.shape[1], extra, s.dv.shape[3]))
+            return (torch.cat([s.dv, z], 2), torch.cat([s.m, z], 2), torch.cat([s.v, z], 2),
+                    torch.cat([s.pos, s.pos.new_zeros((s.pos.shape[0], extra))], 1),
+                    torch.cat([s.valid, s.valid.new_zeros((s.valid.shape[0], extra))], 1), s.step, s.updates)
+
+        return ControllerState(*(torch.cat([x, y]) for x, y in zip(pad(a), pad(b))))
 
 
 def value_delta(probs: torch.Tensor, state: ControllerState, dv: torch.Tensor | None = None) -> torch.Tensor:

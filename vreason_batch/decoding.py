@@ -17,7 +17,10 @@ first included, sees the pruned cache in every layer.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
+from collections import deque
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -69,7 +72,7 @@ class DecodeResult:
     num_video_tokens_kept: int
     num_output_tokens: int
     num_think_tokens: int
-    latency_s: float  # from the batch's start to this sample's last token (prefill included)
+    latency_s: float  # from the start of the sample's prefill to its last token
 
     def columns(self) -> dict[str, Any]:
         """The output columns this result fills."""
@@ -78,12 +81,14 @@ class DecodeResult:
 
 @dataclass
 class RowTrace:
-    """What one row has produced so far; becomes a DecodeResult when the row leaves."""
+    """What one row (a sample in one mode) has produced so far; becomes a DecodeResult when it leaves."""
 
-    index: int  # the row's place in the caller's batch
+    key: Any  # the caller's id for the sample
+    mode: str
     num_prompt_tokens: int
     num_video_tokens: int
     num_video_tokens_kept: int
+    t_start: float  # when the row's prefill began (perf_counter)
     token_ids: list[int] = field(default_factory=list)
     entropy: list[float] = field(default_factory=list)
     entropy_post: list[float] = field(default_factory=list)
@@ -95,19 +100,76 @@ class RowTrace:
     ema_peak_step: int | None = None
 
 
+def _copy_cache(cache, kv: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A cache of the same kind as `cache` holding the given per-layer (keys, values)."""
+    new = copy.copy(cache)
+    new.layers = [copy.copy(layer) for layer in cache.layers]
+    for layer, (k, v) in zip(new.layers, kv):
+        layer.keys, layer.values = k, v
+    return new
+
+
+def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """x with `n` zeros prepended along `dim`."""
+    if n == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = n
+    return torch.cat([x.new_zeros(shape), x], dim=dim)
+
+
 @dataclass
 class DecodeState:
-    """The live rows and everything indexed by them, in the same row order."""
+    """The live rows and everything indexed by them, in the same row order.
+
+    Rows come and go while decoding (continuous batching): `select` takes rows (a copy), `merge`
+    joins two states (the shorter cache is left-padded, and controller positions move with it),
+    `retire` is the one place rows leave, `trim_left` drops the padding no live row needs.
+    """
 
     rows: list[RowTrace]
     cache: Any  # transformers DynamicCache; every layer's keys/values [b, kv_heads, S, head_dim]
-    pad_mask: torch.Tensor  # [b, S] 1 where the cache holds a real token (left padding is 0)
+    pad_mask: torch.Tensor  # [b, S] 1 where the cache holds a real token (padding is 0)
     next_ids: torch.Tensor  # [b, 1] the token each row feeds next: the prompt's last, then its choices
     next_pos: torch.Tensor  # its position ids: [4, b, 1] (Qwen-VL text + mrope) or [b, 1]
     policy: PolicyState  # per-row EMA / peak / token count
-    ctrl: ControllerState | None  # per-row dV and Adam state (controlled modes)
-    t0: float = field(default_factory=time.perf_counter)
+    ctrl: ControllerState | None  # per-row dV and Adam state (None when no row is controlled)
+    controlled: torch.Tensor  # [b] bool: the row's mode updates dV (greedy rows never do)
     done: list[RowTrace] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+    def select(self, idx: list[int]) -> "DecodeState":
+        """Rows `idx` (repeats allowed) as a new state with their own copies of cache and controller."""
+        rows = [copy.deepcopy(self.rows[i]) for i in idx]
+        t = torch.tensor(idx, dtype=torch.long, device=self.pad_mask.device)
+        cache = _copy_cache(self.cache, [(layer.keys[t], layer.values[t]) for layer in self.cache.layers])
+        return DecodeState(rows=rows, cache=cache, pad_mask=self.pad_mask[t], next_ids=self.next_ids[t],
+                           next_pos=self.next_pos[..., t, :], policy=self.policy.select(t),
+                           ctrl=None if self.ctrl is None else self.ctrl.select(t), controlled=self.controlled[t])
+
+    @staticmethod
+    def merge(a: "DecodeState", b: "DecodeState") -> "DecodeState":
+        """a's rows then b's, in one state. The shorter cache is left-padded (masked), so every
+        row's tokens keep their keys, values and positions; `done` rows of both are kept."""
+        S = max(a.pad_mask.shape[1], b.pad_mask.shape[1])
+        pa, pb = S - a.pad_mask.shape[1], S - b.pad_mask.shape[1]
+        kv = [(torch.cat([_pad_left(la.keys, pa, 2), _pad_left(lb.keys, pb, 2)]),
+               torch.cat([_pad_left(la.values, pa, 2), _pad_left(lb.values, pb, 2)]))
+              for la, lb in zip(a.cache.layers, b.cache.layers)]
+        ctrl = None
+        if a.ctrl is not None or b.ctrl is not None:
+            ca, cb = (s.ctrl if s.ctrl is not None else _no_control(s) for s in (a, b))
+            ctrl = ControllerState.concat(ca.shift(pa), cb.shift(pb))
+        return DecodeState(
+            rows=a.rows + b.rows, cache=_copy_cache(a.cache, kv),
+            pad_mask=torch.cat([_pad_left(a.pad_mask, pa, 1), _pad_left(b.pad_mask, pb, 1)]),
+            next_ids=torch.cat([a.next_ids, b.next_ids]), next_pos=torch.cat([a.next_pos, b.next_pos], dim=-2),
+            policy=PolicyState.concat(a.policy, b.policy), ctrl=ctrl,
+            controlled=torch.cat([a.controlled, b.controlled]), done=a.done + b.done,
+        )
 
     def retire(self, finished: list[int]) -> None:
         """Move rows `finished` (indices into the live rows) to `done` and drop their state everywhere."""
@@ -128,8 +190,30 @@ class DecodeState:
         self.pad_mask, self.next_ids = self.pad_mask[idx], self.next_ids[idx]
         self.next_pos = self.next_pos[..., idx, :]
         self.policy = self.policy.select(idx)
+        self.controlled = self.controlled[idx]
         if self.ctrl is not None:
             self.ctrl = self.ctrl.select(idx)
+        self.trim_left()
+
+    def trim_left(self) -> None:
+        """Drop the leading cache columns that are padding in every live row (a long row just left)."""
+        if not self.rows:
+            return
+        used = torch.nonzero(self.pad_mask.any(dim=0))
+        j = int(used[0]) if used.numel() else 0
+        if j == 0:
+            return
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, j:], layer.values[:, :, j:]
+        self.pad_mask = self.pad_mask[:, j:]
+        if self.ctrl is not None:
+            self.ctrl = self.ctrl.shift(-j)
+
+
+def _no_control(st: DecodeState) -> ControllerState:
+    """An empty controller for a state whose rows are all uncontrolled (n = 0 positions)."""
+    _, kv, _, d = st.cache.layers[-1].keys.shape  # [b, kv_heads, S, head_dim]
+    return ControllerState.new(st.pad_mask.new_zeros((st.size, 1), dtype=torch.bool), kv, d)
 
 
 def prune_video_tokens(cache, pad_mask, video, ratio: float):
@@ -163,42 +247,190 @@ def prune_video_tokens(cache, pad_mask, video, ratio: float):
     return new_pad, new_video, new_video.sum(dim=1)
 
 
-def _controlled_positions(pad_mask, video, positions: str):
-    """[B, S+1] bool over the cache after the last prompt token joins it: where dV lives."""
-    if positions == "auto":
-        positions = "video" if bool(video.any()) else "prompt"
-    if positions == "video":
-        if not bool(video.any()):
-            raise ValueError("controller.positions=video but the inputs have no video tokens; use prompt")
-        mask, last = video.bool(), False
-    else:
-        mask, last = pad_mask.bool(), True  # every prompt token, the last one included
-    return torch.cat([mask, mask.new_full((mask.shape[0], 1), last)], dim=1)
+def _controlled_positions(pad_mask, video, controlled, positions: str):
+    """[B, S+1] bool over the cache after the last prompt token joins it: where each row's dV lives.
+
+    controlled [B] bool: rows whose mode updates dV (the others get no positions). `auto` is
+    decided per row: its video tokens if it has any, else every prompt token.
+    """
+    has_video = video.bool().any(dim=1, keepdim=True)  # [B, 1]
+    if positions == "video" and not bool((has_video[:, 0] | ~controlled).all()):
+        raise ValueError("controller.positions=video but the inputs have no video tokens; use prompt")
+    use_video = has_video if positions == "auto" else torch.full_like(has_video, positions == "video")
+    mask = torch.where(use_video, video.bool(), pad_mask.bool())
+    # in prompt mode the last prompt token is controlled too
+    return torch.cat([mask, ~use_video], dim=1) & controlled[:, None]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One sample to decode in one or more modes, from one shared prefill.
+
+    Requests with the same `video_key` carry the same frames (the same `pixel_values_videos`): the
+    engine runs the vision tower once for them and prefills their common prompt prefix (system +
+    video) once, each question's suffix after it.
+    """
+
+    key: Any  # the caller's id for the sample; results are keyed by (key, mode)
+    inputs: ModelInputs
+    modes: tuple[str, ...]
+    video_key: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """What one `decode_requests` call did."""
+
+    vision_encodes: int = 0  # vision-tower passes (one per distinct video in a prefill)
+    prefill_tokens: int = 0  # prompt tokens run through a prefill forward (padding excluded)
+    prefill_s: float = 0.0  # time spent in prefills, the modes' cache copies and Lite's pruning included
+    decode_steps: int = 0  # decode_one_token calls
+    busy_slot_steps: int = 0  # sum over steps of the live rows
+    slot_steps: int = 0  # sum over steps of the slots
+    output_tokens: int = 0
+
+    @property
+    def occupancy(self) -> float:
+        return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
+
+    def add(self, other: "EngineStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+def _units(requests: list[Request], video_token_id: int | None) -> list[list[Request]]:
+    """Requests that share a prefill: same video_key, with a shared prefix that holds the whole video
+    (the vision tower needs all of a prompt's video tokens at once). Others go alone. Input order."""
+    groups: dict[Any, list[Request]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(r.video_key if r.video_key is not None else ("alone", i), []).append(r)
+    units = []
+    for g in groups.values():
+        if len(g) > 1 and _shared_prefix(g, video_token_id) is None:
+            units.extend([r] for r in g)
+        else:
+            units.append(g)
+    return units
+
+
+def _shared_prefix(unit: list[Request], video_token_id: int | None) -> int | None:
+    """Prompt tokens every request of the unit prefills together: the common prefix, but never a
+    request's last token. None when they cannot share (the prefix would cut a video in two, or the
+    videos differ)."""
+    ids = [r.inputs.input_ids for r in unit]
+    if len(unit) == 1:
+        return len(ids[0]) - 1
+    first = unit[0].inputs
+    if any(r.inputs.video_grid_thw != first.video_grid_thw for r in unit):
+        return None
+    n = min(len(x) for x in ids) - 1
+    L = 0
+    while L < n and all(x[L] == ids[0][L] for x in ids):
+        L += 1
+    if first.pixel_values_videos is not None and any(video_token_id in x[L:] for x in ids):
+        return None
+    return L
+
+
+def _prefill(lm: LoadedModel, head: LastLayer, units: list[list[Request]], stats: EngineStats):
+    """Cache every request's prompt but its last token. Each unit's shared prefix (one row per unit,
+    so one vision-tower pass per video) first, then each request's own suffix after it.
+
+    Returns (cache, pad_mask [R, S], video [R, S], next_ids [R, 1], next_pos [.., R, 1]) with one row
+    per request, in unit order. A suffix shorter than the longest is left-padded where it starts,
+    so padding may sit between a prefix and its suffix: it is masked, as left padding is.
+    """
+    reqs = [r for u in units for r in u]
+    lens = [len(r.inputs.input_ids) for r in reqs]
+    if min(lens) < 2:
+        raise ValueError("a prompt of one token: nothing to prefill")
+    # every prompt's positions exactly as for a prefill of the whole prompt (pixels not needed)
+    full = collate(lm, [r.inputs for r in reqs], pixels=False)
+    T = full["input_ids"].shape[1]
+    pos_full = lm.prompt_position_ids(full)  # [.., R, T] left-padded
+    own_pos = [pos_full[..., i, T - n:] for i, n in enumerate(lens)]  # [.., n_i]
+    prefix = [_shared_prefix(u, lm.vision.video_token_id if lm.vision else None) for u in units]
+
+    # 1. the units' prefixes: one row per unit
+    pre = collate(lm, [dataclasses.replace(u[0].inputs, input_ids=u[0].inputs.input_ids[:L]) for u, L in zip(units, prefix)])
+    Lmax = pre["input_ids"].shape[1]
+    first = [sum(len(u) for u in units[:j]) for j in range(len(units))]  # each unit's first request
+    pre_pos = pos_full.new_zeros((*pos_full.shape[:-2], len(units), Lmax))
+    for j, (i, L) in enumerate(zip(first, prefix)):
+        pre_pos[..., j, Lmax - L:] = own_pos[i][..., :L]
+    cache = lm.new_cache()
+    hidden, cos, sin = lm.forward_to_last_layer(pre, pre_pos, cache)
+    head.extend_cache(hidden, cos, sin, cache.layers[-1])
+    stats.vision_encodes += sum(u[0].inputs.pixel_values_videos is not None for u in units)
+    stats.prefill_tokens += sum(prefix)
+
+    # 2. one row per request: its unit's prefix, then its own tokens after it (but the last)
+    unit_of = torch.tensor([j for j, u in enumerate(units) for _ in u], device=lm.device)
+    if len(reqs) > len(units):
+        cache = _copy_cache(cache, [(layer.keys[unit_of], layer.values[unit_of]) for layer in cache.layers])
+    pad_mask = pre["attention_mask"][unit_of]
+    video = lm.video_mask(pre)[unit_of]
+    starts = [L for u, L in zip(units, prefix) for _ in u]
+    Ts = max(n - 1 - L for n, L in zip(lens, starts))
+    if Ts > 0:
+        ids = torch.full((len(reqs), Ts), lm.pad_token_id, dtype=torch.long, device=lm.device)
+        attn = torch.zeros((len(reqs), Ts), dtype=pad_mask.dtype, device=lm.device)
+        suf_pos = pos_full.new_zeros((*pos_full.shape[:-2], len(reqs), Ts))
+        for i, (r, n, L) in enumerate(zip(reqs, lens, starts)):
+            k = n - 1 - L
+            if k:
+                ids[i, Ts - k:] = torch.tensor(r.inputs.input_ids[L:n - 1], dtype=torch.long)
+                attn[i, Ts - k:] = 1
+                suf_pos[..., i, Ts - k:] = own_pos[i][..., L:n - 1]
+        pad_mask = torch.cat([pad_mask, attn], dim=1)
+        hidden, cos, sin = lm.forward_to_last_layer({"input_ids": ids, "attention_mask": pad_mask}, suf_pos, cache)
+        head.extend_cache(hidden, cos, sin, cache.layers[-1])
+        video = torch.cat([video, torch.zeros_like(attn, dtype=torch.bool)], dim=1)
+        stats.prefill_tokens += sum(n - 1 - L for n, L in zip(lens, starts))
+    next_ids = torch.tensor([[r.inputs.input_ids[-1]] for r in reqs], dtype=torch.long, device=lm.device)
+    next_pos = torch.stack([p[..., -1:] for p in own_pos], dim=-2)  # [.., R, 1]
+    return cache, pad_mask, video, next_ids, next_pos
+
+
+def _rows_for_modes(lm: LoadedModel, head: LastLayer, units: list[list[Request]], settings: DecodeSettings,
+                    stats: EngineStats) -> DecodeState:
+    """Prefill `units` once and give each (request, mode) its own row: the cache is copied per mode,
+    Lite prunes its own copy, and each controlled row gets its own controller."""
+    t0 = time.perf_counter()
+    reqs = [r for u in units for r in u]
+    cache, pad_mask, video, next_ids, next_pos = _prefill(lm, head, units, stats)
+    pairs = [(i, get_mode(m)) for i, r in enumerate(reqs) for m in r.modes]
+    states = []
+    for prune in (False, True):
+        group = [(i, m) for i, m in pairs if m.prune_video == prune]
+        if not group:
+            continue
+        t = torch.tensor([i for i, _ in group], device=lm.device)
+        if len(group) == len(reqs) == len(pairs):  # one row per request: the prefill's cache is this group's
+            sub = cache
+        else:
+            sub = _copy_cache(cache, [(layer.keys[t], layer.values[t]) for layer in cache.layers])
+        pm, vid = pad_mask[t], video[t]
+        kept = vid.sum(dim=1)
+        if prune:
+            pm, vid, kept = prune_video_tokens(sub, pm, vid, settings.prune_ratio)
+        controlled = torch.tensor([m.controlled for _, m in group], device=lm.device)
+        ctrl = None
+        if bool(controlled.any()):
+            where = _controlled_positions(pm, vid, controlled, settings.controller.positions)
+            ctrl = ControllerState.new(where, head.p.num_kv_heads, head.p.head_dim)
+        rows = [RowTrace(reqs[i].key, m.name, len(reqs[i].inputs.input_ids), reqs[i].inputs.num_video_tokens, int(k), t0)
+                for (i, m), k in zip(group, kept.tolist())]
+        states.append(DecodeState(rows=rows, cache=sub, pad_mask=pm, next_ids=next_ids[t], next_pos=next_pos[..., t, :],
+                                  policy=PolicyState.new(len(rows), device=lm.device), ctrl=ctrl, controlled=controlled))
+    stats.prefill_s += time.perf_counter() - t0
+    return states[0] if len(states) == 1 else DecodeState.merge(*states)
 
 
 def prefill(lm: LoadedModel, head: LastLayer, batch: list[ModelInputs], settings: DecodeSettings) -> DecodeState:
-    """Cache every prompt token but the last (left-padded batch); set up the rows' policy and controller."""
-    t0 = time.perf_counter()
-    inputs = collate(lm, batch)
-    position_ids = lm.prompt_position_ids(inputs)
-    video = lm.video_mask(inputs)[:, :-1]
-    ids, attn = inputs["input_ids"], inputs["attention_mask"]
-    cache = lm.new_cache()
-    if ids.shape[1] > 1:
-        head_inputs = {**inputs, "input_ids": ids[:, :-1], "attention_mask": attn[:, :-1]}
-        hidden, cos, sin = lm.forward_to_last_layer(head_inputs, position_ids[..., :-1], cache)
-        head.extend_cache(hidden, cos, sin, cache.layers[-1])
-    pad_mask = attn[:, :-1]
-    kept = video.sum(dim=1)
-    if settings.mode.prune_video:
-        pad_mask, video, kept = prune_video_tokens(cache, pad_mask, video, settings.prune_ratio)
-    ctrl = None
-    if settings.mode.controlled:
-        controlled = _controlled_positions(pad_mask, video, settings.controller.positions)
-        ctrl = ControllerState.new(controlled, head.p.num_kv_heads, head.p.head_dim)
-    rows = [RowTrace(i, len(b.input_ids), b.num_video_tokens, int(k)) for i, (b, k) in enumerate(zip(batch, kept.tolist()))]
-    return DecodeState(rows=rows, cache=cache, pad_mask=pad_mask, next_ids=ids[:, -1:], next_pos=position_ids[..., -1:],
-                       policy=PolicyState.new(len(batch), device=lm.device), ctrl=ctrl, t0=t0)
+    """Cache every prompt token but the last (left-padded batch, one row per input in `settings.mode`)."""
+    units = [[Request(i, x, (settings.mode.name,))] for i, x in enumerate(batch)]
+    return _rows_for_modes(lm, head, units, settings, EngineStats())
 
 
 @dataclass
@@ -239,9 +471,8 @@ def decode_one_token(lm: LoadedModel, head: LastLayer, st: DecodeState, settings
     """Advance every live row by one token: update dV where due (every k of the row's tokens), choose greedily."""
     att = forward_last_token(lm, head, st)
     cc = settings.controller
-    due = torch.zeros_like(st.policy.steps, dtype=torch.bool)
-    if st.ctrl is not None:
-        due = st.policy.steps % cc.update_every == 0  # [b]: each row keeps its own phase of k
+    # [b]: controlled rows update every k of their own tokens (each row keeps its own phase of k)
+    due = st.controlled & (st.policy.steps % cc.update_every == 0)
     if bool(due.any()):
         h, alpha, pre, post = _update(head, att, st, due, cc)
         logits = torch.where(due[:, None], post, pre)
@@ -316,7 +547,7 @@ def _record(st: DecodeState, step: Step, eos: set[int], stops: StopStrings, max_
     """Append the step to each row's trace (one host transfer); return the rows that just finished."""
     vals = torch.stack([step.token.double(), step.entropy.double(), step.entropy_post.double(),
                         st.policy.ema.double(), step.alpha.double()], dim=1).tolist()
-    now = time.perf_counter() - st.t0
+    now = time.perf_counter()
     finished = []
     for r, (row, (tok, h, h_post, ema, alpha)) in enumerate(zip(st.rows, vals)):
         tok = int(tok)
@@ -331,7 +562,7 @@ def _record(st: DecodeState, step: Step, eos: set[int], stops: StopStrings, max_
             if stops.hit(row.token_ids):
                 row.finish_reason = "stop_string"
         if row.finish_reason != "max_new_tokens" or len(row.entropy) >= max_new_tokens:
-            row.latency_s = now
+            row.latency_s = now - row.t_start
             finished.append(r)
     return finished
 
@@ -357,67 +588,71 @@ def _result(tokenizer, row: RowTrace) -> DecodeResult:
     )
 
 
-def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSettings) -> list[DecodeResult]:
-    """Decode `batch` together; each sample keeps its own controller state. One result per input, in order."""
-    head = LastLayer(lm.last_layer_parts())
-    eos, stops = set(lm.eos_token_ids), StopStrings(lm.tokenizer, settings.stop_strings)
-    with torch.no_grad():
-        st = prefill(lm, head, batch, settings)
-        while st.rows:
-            step = decode_one_token(lm, head, st, settings)
-            st.retire(_record(st, step, eos, stops, settings.max_new_tokens))
-    return [_result(lm.tokenizer, row) for row in sorted(st.done, key=lambda r: r.index)]
+def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, settings: DecodeSettings,
+           stats: EngineStats) -> DecodeState:
+    """Prefill the next units from `pending` (at least one; more while they add up to fewer than
+    `free` rows and are of the same kind, text or video, as the first)."""
+    def has_video(u):
+        return u[0].inputs.pixel_values_videos is not None
 
-
-@dataclass(frozen=True)
-class Request:
-    """One sample to decode in one or more modes, from one shared prefill.
-
-    Requests with the same `video_key` carry the same frames (the same `pixel_values_videos`): the
-    engine runs the vision tower once for them and prefills their common prompt prefix (system +
-    video) once, each question's suffix after it.
-    """
-
-    key: Any  # the caller's id for the sample; results are keyed by (key, mode)
-    inputs: ModelInputs
-    modes: tuple[str, ...]
-    video_key: str | None = None
-
-
-@dataclass
-class EngineStats:
-    """What one `decode_requests` call did."""
-
-    vision_encodes: int = 0  # vision-tower passes (one per distinct video)
-    prefill_tokens: int = 0  # prompt tokens run through a prefill forward (padding excluded)
-    decode_steps: int = 0  # decode_one_token calls
-    busy_slot_steps: int = 0  # sum over steps of the live rows
-    slot_steps: int = 0  # sum over steps of the slots (decode_slots)
-    output_tokens: int = 0
-
-    @property
-    def occupancy(self) -> float:
-        return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
+    units = [pending.popleft()]
+    rows = sum(len(r.modes) for r in units[0])
+    while pending and rows < free and has_video(pending[0]) == has_video(units[0]):
+        units.append(pending.popleft())
+        rows += sum(len(r.modes) for r in units[-1])
+    return _rows_for_modes(lm, head, units, settings, stats)
 
 
 def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSettings,
                     slots: int) -> tuple[dict[tuple[Any, str], DecodeResult], EngineStats]:
-    """Decode every (request, mode) with at most `slots` rows live at once; `settings.mode` is
-    replaced by each request's modes. Returns ({(key, mode): result}, stats)."""
-    from dataclasses import replace
+    """Decode every (request, mode) with continuous batching over `slots` rows.
 
+    When a row finishes, its slot is refilled at once: the next requests are prefilled (one prefill
+    per request shared by its modes, one prefix per video shared by its questions) and join the
+    running batch, each row with its own step counter, policy and controller. Prefilled rows that
+    do not fit yet wait, prefilled, for the next free slot. `settings.mode` is not used: each
+    request names its modes. Returns ({(key, mode): result}, stats).
+    """
+    if slots < 1:
+        raise ValueError("slots must be >= 1")
+    head = LastLayer(lm.last_layer_parts())
+    eos, stops = set(lm.eos_token_ids), StopStrings(lm.tokenizer, settings.stop_strings)
     stats = EngineStats()
-    out: dict[tuple[Any, str], DecodeResult] = {}
-    by_mode: dict[str, list[Request]] = {}
-    for r in requests:
-        for m in r.modes:
-            by_mode.setdefault(m, []).append(r)
-    for m, reqs in by_mode.items():
-        for i in range(0, len(reqs), slots):
-            chunk = reqs[i:i + slots]
-            for r, res in zip(chunk, decode_batch(lm, [r.inputs for r in chunk], replace(settings, mode=get_mode(m)))):
-                out[(r.key, m)] = res
-                stats.prefill_tokens += len(r.inputs.input_ids) - 1
-                stats.vision_encodes += r.inputs.pixel_values_videos is not None
-                stats.output_tokens += res.num_output_tokens
-    return out, stats
+    pending = deque(_units(requests, lm.vision.video_token_id if lm.vision else None))
+    live: DecodeState | None = None
+    ready: DecodeState | None = None  # prefilled rows waiting for a slot
+    done: list[RowTrace] = []
+    with torch.no_grad():
+        while True:
+            free = slots - (live.size if live is not None else 0)
+            while free > 0 and (ready is not None or pending):
+                if ready is None:
+                    ready = _admit(lm, head, pending, free, settings, stats)
+                take = min(free, ready.size)
+                if take == ready.size:
+                    admit, ready = ready, None
+                else:
+                    admit, ready = ready.select(list(range(take))), ready.select(list(range(take, ready.size)))
+                live = admit if live is None else DecodeState.merge(live, admit)
+                free -= take
+            if live is None:
+                break
+            stats.decode_steps += 1
+            stats.busy_slot_steps += live.size
+            stats.slot_steps += slots
+            step = decode_one_token(lm, head, live, settings)
+            live.retire(_record(live, step, eos, stops, settings.max_new_tokens))
+            if not live.rows:
+                done.extend(live.done)
+                live = None
+    results = {(row.key, row.mode): _result(lm.tokenizer, row) for row in done}
+    stats.output_tokens = sum(r.num_output_tokens for r in results.values())
+    return results, stats
+
+
+def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSettings) -> list[DecodeResult]:
+    """Decode `batch` together in `settings.mode`; each sample keeps its own controller state. One
+    result per input, in order."""
+    mode = settings.mode.name
+    out, _ = decode_requests(lm, [Request(i, x, (mode,)) for i, x in enumerate(batch)], settings, slots=len(batch))
+    return [out[(i, mode)] for i in range(len(batch))]

@@ -222,8 +222,9 @@ def build_text_inputs(
     return ModelInputs(input_ids=list(ids))
 
 
-def collate(lm, batch: list[ModelInputs]) -> dict:
-    """Left-pad prompts into [B, T] tensors on the model's device; concatenate video patches in batch order."""
+def collate(lm, batch: list[ModelInputs], pixels: bool = True) -> dict:
+    """Left-pad prompts into [B, T] tensors on the model's device; concatenate video patches in batch
+    order (without `pixels`, only the video grid facts that positions need)."""
     import torch
 
     dev = lm.device
@@ -238,7 +239,8 @@ def collate(lm, batch: list[ModelInputs]) -> dict:
     if any(has_video):
         if not all(has_video):
             raise ValueError("a batch mixes samples with and without video; batch them separately")
-        inputs["pixel_values_videos"] = torch.cat([b.pixel_values_videos for b in batch]).to(dev, lm.dtype)
+        if pixels:
+            inputs["pixel_values_videos"] = torch.cat([b.pixel_values_videos for b in batch]).to(dev, lm.dtype)
         inputs["video_grid_thw"] = torch.tensor([b.video_grid_thw for b in batch], dtype=torch.long, device=dev)
         inputs["second_per_grid_ts"] = torch.tensor([b.second_per_grid_t for b in batch], dtype=torch.float32, device=dev)
     return inputs
