@@ -80,7 +80,7 @@ def _load(args):
     from .config import ModelConfig
     from .models import BUILTIN_TINY, load_model, load_random_architecture
 
-    mcfg = ModelConfig(name_or_path=args.model, device=args.device, dtype=args.dtype)
+    mcfg = ModelConfig(name_or_path=args.model or BUILTIN_TINY, device=args.device, dtype=args.dtype)
     if args.arch:
         if not args.random_init:
             raise SystemExit("--arch builds an architecture from its config: add --random-init (no weights are loaded)")
@@ -127,7 +127,7 @@ def run_bench(args) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     lm = _load(args)
     lm.eos_token_ids = []  # every run makes exactly N tokens
-    n = args.new_tokens
+    n = args.new_tokens = args.new_tokens or 64
     x = _prompt(lm, args.frames, args.max_pixels, 0)
     print(f"model: {lm.name}  device: {lm.device} {lm.dtype}  torch {torch.__version__}  threads {torch.get_num_threads()}")
     print(f"host: {platform.processor() or platform.machine()}  "
@@ -205,7 +205,8 @@ def run_precision(args) -> dict[str, Any]:
     lm_low.model, lm_low.dtype = copy.deepcopy(lm32.model).to(low_dtype), low_dtype
     for lm in (lm32, lm_low):
         lm.eos_token_ids = []
-    n, prompts = args.new_tokens, [_prompt(lm32, 4 + i, args.max_pixels, i) for i in range(args.prompts)]
+    n = args.new_tokens or 64
+    prompts = [_prompt(lm32, 4 + i, args.max_pixels, i) for i in range(args.prompts or 4)]
     print(f"model: {lm32.name}; {len(prompts)} prompts, {n} tokens, k = 2; float32 vs {low_dtype} (same weights)")
 
     def mean(xs):

