@@ -70,6 +70,7 @@ def test_continuous_equals_one_at_a_time_in_every_mode(lm, samples, early_eos):
     assert stats.busy_slot_steps == sum(r.num_output_tokens for r in got.values())
     assert stats.decode_steps < stats.busy_slot_steps / 3 * 1.5  # far fewer steps than one row at a time
     assert 0.5 < stats.occupancy <= 1.0
+    assert stats.occupancy_while_queued == 1.0  # a freed slot is refilled before the next step
 
 
 def test_modes_share_one_batch_and_one_prefill(lm, samples):

@@ -4,7 +4,8 @@ reasoning: SmolLM2 (real weights) on the generated reasoning set, answers of mix
 `--new-tokens`, stopping at EOS), decoded twice at the same slot count: static batches of `--slots`
 rows, each running until its longest row ends (what the model actor did before), and continuous
 batching over the same slots (`decode_requests`). tokens/s = output tokens / wall time, prefills
-included; occupancy = busy slot-steps / all slot-steps. Both runs decode the same rows, so their
+included; occupancy = busy slot-steps / all slot-steps (and the same before the drain, the steps
+after the last row was admitted, where slots free up with nothing left to fill them). Both runs decode the same rows, so their
 outputs are compared too (float32: identical).
 
 prefill: annotation work, several questions on each of a few videos, in several modes. Separate:
@@ -79,6 +80,7 @@ def run_reasoning_bench(args) -> dict[str, Any]:
         figures[f"{name}_tokens_per_s"] = round(st.output_tokens / statistics.median(walls[name]), 2)
         figures[f"{name}_tokens_per_s_runs"] = [round(st.output_tokens / w, 2) for w in walls[name]]
         figures[f"{name}_slot_occupancy"] = round(st.occupancy, 4)
+        figures[f"{name}_slot_occupancy_while_queued"] = round(st.occupancy_while_queued, 4)
         figures[f"{name}_decode_steps"] = st.decode_steps
         figures["output_tokens"] = st.output_tokens
     s_out, c_out = results["static"][0], results["continuous"][0]
@@ -88,7 +90,8 @@ def run_reasoning_bench(args) -> dict[str, Any]:
     figures["answer_tokens_min_median_max"] = [lengths[0], lengths[len(lengths) // 2], lengths[-1]]
     figures["continuous_vs_static"] = round(figures["continuous_tokens_per_s"] / figures["static_tokens_per_s"], 3)
     print(f"  static {figures['static_tokens_per_s']} tokens/s (occupancy {figures['static_slot_occupancy']}), "
-          f"continuous {figures['continuous_tokens_per_s']} tokens/s (occupancy {figures['continuous_slot_occupancy']}): "
+          f"continuous {figures['continuous_tokens_per_s']} tokens/s (occupancy {figures['continuous_slot_occupancy']}, "
+          f"{figures['continuous_slot_occupancy_while_queued']} while rows waited): "
           f"{figures['continuous_vs_static']}x; answers {figures['answer_tokens_min_median_max']} tokens (min/median/max); "
           f"{figures['identical_outputs']}/{figures['rows']} outputs identical")
     return figures

@@ -287,11 +287,18 @@ class EngineStats:
     decode_steps: int = 0  # decode_one_token calls
     busy_slot_steps: int = 0  # sum over steps of the live rows
     slot_steps: int = 0  # sum over steps of the slots
+    queued_busy_slot_steps: int = 0  # the same two, over the steps taken while rows still waited for a slot
+    queued_slot_steps: int = 0
     output_tokens: int = 0
 
     @property
     def occupancy(self) -> float:
         return self.busy_slot_steps / self.slot_steps if self.slot_steps else 0.0
+
+    @property
+    def occupancy_while_queued(self) -> float:
+        """Occupancy before the drain: once nothing waits, the last rows run out with slots free."""
+        return self.queued_busy_slot_steps / self.queued_slot_steps if self.queued_slot_steps else 0.0
 
     def add(self, other: "EngineStats") -> None:
         for f in fields(self):
@@ -640,6 +647,9 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
             stats.decode_steps += 1
             stats.busy_slot_steps += live.size
             stats.slot_steps += slots
+            if ready is not None or pending:
+                stats.queued_busy_slot_steps += live.size
+                stats.queued_slot_steps += slots
             step = decode_one_token(lm, head, live, settings)
             live.retire(_record(live, step, eos, stops, settings.max_new_tokens))
             if not live.rows:
