@@ -122,8 +122,7 @@ def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
 class DecodeState:
     """The live rows and everything indexed by them, in the same row order.
 
-    Rows come and go while decoding (continuous batching): `select` takes rows (a copy), `merge`
-    joins two states (the shorter cache is left-padded, and controller positions move with it),
+    Rows come and go while decoding (continuous batching): `merge` joins two states (the shorter cache is left-padded, and controller positions move with it),
     `retire` is the one place rows leave, `trim_left` drops the padding no live row needs.
     """
 
@@ -140,15 +139,6 @@ class DecodeState:
     @property
     def size(self) -> int:
         return len(self.rows)
-
-    def select(self, idx: list[int]) -> "DecodeState":
-        """Rows `idx` (repeats allowed) as a new state with their own copies of cache and controller."""
-        rows = [copy.deepcopy(self.rows[i]) for i in idx]
-        t = torch.tensor(idx, dtype=torch.long, device=self.pad_mask.device)
-        cache = _copy_cache(self.cache, [(layer.keys[t], layer.values[t]) for layer in self.cache.layers])
-        return DecodeState(rows=rows, cache=cache, pad_mask=self.pad_mask[t], next_ids=self.next_ids[t],
-                           next_pos=self.next_pos[..., t, :], policy=self.policy.select(t),
-                           ctrl=None if self.ctrl is None else self.ctrl.select(t), controlled=self.controlled[t])
 
     @staticmethod
     def merge(a: "DecodeState", b: "DecodeState") -> "DecodeState":
@@ -399,39 +389,73 @@ def _prefill(lm: LoadedModel, head: LastLayer, units: list[list[Request]], stats
     return cache, pad_mask, video, next_ids, next_pos
 
 
+@dataclass
+class Prefilled:
+    """Prompts in the cache, one row per request, and the (request, mode) rows still to start from them.
+
+    The modes' copies of the cache are made only when their rows start (`start_rows`), so rows
+    waiting for a slot hold one cache row per request, not one per (request, mode).
+    """
+
+    reqs: list[Request]
+    cache: Any
+    pad_mask: torch.Tensor  # [R, S]
+    video: torch.Tensor  # [R, S] bool
+    next_ids: torch.Tensor  # [R, 1]
+    next_pos: torch.Tensor  # [.., R, 1]
+    t_start: float
+    todo: deque  # (request index, ModeSpec) not started yet, in order
+
+    @classmethod
+    def of(cls, lm: LoadedModel, head: LastLayer, units: list[list[Request]], stats: EngineStats) -> "Prefilled":
+        t0 = time.perf_counter()
+        reqs = [r for u in units for r in u]
+        cache, pad_mask, video, next_ids, next_pos = _prefill(lm, head, units, stats)
+        todo = deque((i, get_mode(m)) for i, r in enumerate(reqs) for m in r.modes)
+        stats.prefill_s += time.perf_counter() - t0
+        return cls(reqs, cache, pad_mask, video, next_ids, next_pos, t0, todo)
+
+    def start_rows(self, n: int, head: LastLayer, settings: DecodeSettings, stats: EngineStats) -> DecodeState:
+        """The next `n` (request, mode) pairs as rows: each its own copy of the request's cache (Lite
+        prunes its copy) and, if its mode is controlled, its own controller."""
+        t0 = time.perf_counter()
+        pairs = [self.todo.popleft() for _ in range(min(n, len(self.todo)))]
+        dev = self.pad_mask.device
+        states = []
+        for prune in (False, True):
+            group = [(i, m) for i, m in pairs if m.prune_video == prune]
+            if not group:
+                continue
+            idx = [i for i, _ in group]
+            t = torch.tensor(idx, device=dev)
+            if idx == list(range(len(self.reqs))) and not self.todo and len(group) == len(pairs):
+                sub = self.cache  # the last rows, one per request: no copy needed
+            else:
+                sub = _copy_cache(self.cache, [(layer.keys[t], layer.values[t]) for layer in self.cache.layers])
+            pm, vid = self.pad_mask[t], self.video[t]
+            kept = vid.sum(dim=1)
+            if prune:
+                pm, vid, kept = prune_video_tokens(sub, pm, vid, settings.prune_ratio)
+            controlled = torch.tensor([m.controlled for _, m in group], device=dev)
+            ctrl = None
+            if bool(controlled.any()):
+                where = _controlled_positions(pm, vid, controlled, settings.controller.positions)
+                ctrl = ControllerState.new(where, head.p.num_kv_heads, head.p.head_dim)
+            rows = [RowTrace(self.reqs[i].key, m.name, len(self.reqs[i].inputs.input_ids),
+                             self.reqs[i].inputs.num_video_tokens, int(k), self.t_start)
+                    for (i, m), k in zip(group, kept.tolist())]
+            states.append(DecodeState(rows=rows, cache=sub, pad_mask=pm, next_ids=self.next_ids[t],
+                                      next_pos=self.next_pos[..., t, :], policy=PolicyState.new(len(rows), device=dev),
+                                      ctrl=ctrl, controlled=controlled))
+        stats.prefill_s += time.perf_counter() - t0
+        return states[0] if len(states) == 1 else DecodeState.merge(*states)
+
+
 def _rows_for_modes(lm: LoadedModel, head: LastLayer, units: list[list[Request]], settings: DecodeSettings,
                     stats: EngineStats) -> DecodeState:
-    """Prefill `units` once and give each (request, mode) its own row: the cache is copied per mode,
-    Lite prunes its own copy, and each controlled row gets its own controller."""
-    t0 = time.perf_counter()
-    reqs = [r for u in units for r in u]
-    cache, pad_mask, video, next_ids, next_pos = _prefill(lm, head, units, stats)
-    pairs = [(i, get_mode(m)) for i, r in enumerate(reqs) for m in r.modes]
-    states = []
-    for prune in (False, True):
-        group = [(i, m) for i, m in pairs if m.prune_video == prune]
-        if not group:
-            continue
-        t = torch.tensor([i for i, _ in group], device=lm.device)
-        if len(group) == len(reqs) == len(pairs):  # one row per request: the prefill's cache is this group's
-            sub = cache
-        else:
-            sub = _copy_cache(cache, [(layer.keys[t], layer.values[t]) for layer in cache.layers])
-        pm, vid = pad_mask[t], video[t]
-        kept = vid.sum(dim=1)
-        if prune:
-            pm, vid, kept = prune_video_tokens(sub, pm, vid, settings.prune_ratio)
-        controlled = torch.tensor([m.controlled for _, m in group], device=lm.device)
-        ctrl = None
-        if bool(controlled.any()):
-            where = _controlled_positions(pm, vid, controlled, settings.controller.positions)
-            ctrl = ControllerState.new(where, head.p.num_kv_heads, head.p.head_dim)
-        rows = [RowTrace(reqs[i].key, m.name, len(reqs[i].inputs.input_ids), reqs[i].inputs.num_video_tokens, int(k), t0)
-                for (i, m), k in zip(group, kept.tolist())]
-        states.append(DecodeState(rows=rows, cache=sub, pad_mask=pm, next_ids=next_ids[t], next_pos=next_pos[..., t, :],
-                                  policy=PolicyState.new(len(rows), device=lm.device), ctrl=ctrl, controlled=controlled))
-    stats.prefill_s += time.perf_counter() - t0
-    return states[0] if len(states) == 1 else DecodeState.merge(*states)
+    """Prefill `units` once and start every (request, mode) row from it."""
+    pre = Prefilled.of(lm, head, units, stats)
+    return pre.start_rows(len(pre.todo), head, settings, stats)
 
 
 def prefill(lm: LoadedModel, head: LastLayer, batch: list[ModelInputs], settings: DecodeSettings) -> DecodeState:
@@ -595,8 +619,7 @@ def _result(tokenizer, row: RowTrace) -> DecodeResult:
     )
 
 
-def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, settings: DecodeSettings,
-           stats: EngineStats) -> DecodeState:
+def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, stats: EngineStats) -> Prefilled:
     """Prefill the next units from `pending` (at least one; more while they add up to fewer than
     `free` rows and are of the same kind, text or video, as the first)."""
     def has_video(u):
@@ -607,7 +630,7 @@ def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, settings
     while pending and rows < free and has_video(pending[0]) == has_video(units[0]):
         units.append(pending.popleft())
         rows += sum(len(r.modes) for r in units[-1])
-    return _rows_for_modes(lm, head, units, settings, stats)
+    return Prefilled.of(lm, head, units, stats)
 
 
 def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSettings,
@@ -616,8 +639,9 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
 
     When a row finishes, its slot is refilled at once: the next requests are prefilled (one prefill
     per request shared by its modes, one prefix per video shared by its questions) and join the
-    running batch, each row with its own step counter, policy and controller. Prefilled rows that
-    do not fit yet wait, prefilled, for the next free slot. `settings.mode` is not used: each
+    running batch, each row with its own step counter, policy and controller. Rows that do not fit
+    yet wait, prefilled (one cache row per request; the modes' copies are made as rows start), for
+    the next free slot: at most one prefill's requests wait at a time. `settings.mode` is not used: each
     request names its modes. Returns ({(key, mode): result}, stats).
     """
     if slots < 1:
@@ -627,21 +651,19 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     stats = EngineStats()
     pending = deque(_units(requests, lm.vision.video_token_id if lm.vision else None))
     live: DecodeState | None = None
-    ready: DecodeState | None = None  # prefilled rows waiting for a slot
+    ready: Prefilled | None = None  # prefilled requests whose rows wait for a slot
     done: list[RowTrace] = []
     with torch.no_grad():
         while True:
             free = slots - (live.size if live is not None else 0)
             while free > 0 and (ready is not None or pending):
                 if ready is None:
-                    ready = _admit(lm, head, pending, free, settings, stats)
-                take = min(free, ready.size)
-                if take == ready.size:
-                    admit, ready = ready, None
-                else:
-                    admit, ready = ready.select(list(range(take))), ready.select(list(range(take, ready.size)))
+                    ready = _admit(lm, head, pending, free, stats)
+                admit = ready.start_rows(free, head, settings, stats)
+                if not ready.todo:
+                    ready = None
                 live = admit if live is None else DecodeState.merge(live, admit)
-                free -= take
+                free -= admit.size
             if live is None:
                 break
             stats.decode_steps += 1
