@@ -82,6 +82,7 @@ def run_reasoning_bench(args) -> dict[str, Any]:
         figures[f"{name}_slot_occupancy"] = round(st.occupancy, 4)
         figures[f"{name}_slot_occupancy_while_queued"] = round(st.occupancy_while_queued, 4)
         figures[f"{name}_decode_steps"] = st.decode_steps
+        figures[f"{name}_drain_steps"] = st.decode_steps - st.queued_slot_steps // slots  # after the last admission
         figures["output_tokens"] = st.output_tokens
     s_out, c_out = results["static"][0], results["continuous"][0]
     figures["identical_outputs"] = sum(s_out[k].token_ids == c_out[k].token_ids for k in s_out)
