@@ -268,3 +268,29 @@ def test_model_stage_isolates_a_sample_the_engine_fails_on(model_stage, two_vide
         assert by_key[("s1", m)]["error_type"] == "decode_error" and "out of memory" in by_key[("s1", m)]["error"]
         for ok in ("s0", "s2"):
             assert by_key[(ok, m)]["error_type"] is None and by_key[(ok, m)]["output_text"] is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run record
+
+
+def test_run_record_counts_the_work_summed_over_actors(tmp_path):
+    from vreason_batch.plan import RunPlan
+    from vreason_batch.results import RunResult, write_run_record
+
+    cfg = config_from_dict({"input": {"manifest": "m.jsonl"}, "output": {"uri": str(tmp_path)}})
+    plan = RunPlan(run_id="r1", config_hash="h", pending_tables=[], num_samples=9, num_pairs_total=27,
+                   num_pairs_done=0, manifest_summary="", num_pairs_pending=27)
+    # an actor that died after two batches, and its restart under a new pid that did the rest
+    actors = {"n:1": {"video_decodes": 2, "vision_encodes": 2, "prefill_tokens": 500, "samples": 18},
+              "n:2": {"video_decodes": 1, "vision_encodes": 1, "prefill_tokens": 250, "samples": 9}}
+    path = write_run_record(cfg, plan, "finished", RunResult(run_id="r1", output_uri=str(tmp_path)),
+                            {"actor_metrics": actors})
+    counts = json.loads(open(path).read())["counts"]
+    assert (counts["video_decodes"], counts["vision_encodes"], counts["prefill_tokens"]) == (3, 3, 750)
+    nothing = RunPlan(run_id="r2", config_hash="h", pending_tables=[], num_samples=9, num_pairs_total=27,
+                      num_pairs_done=27, manifest_summary="")
+    path = write_run_record(cfg, nothing, "finished", RunResult(run_id="r2", output_uri=str(tmp_path)))
+    assert json.loads(open(path).read())["counts"]["video_decodes"] == 0
+    path = write_run_record(cfg, plan, "running")
+    assert "video_decodes" not in json.loads(open(path).read())["counts"]
