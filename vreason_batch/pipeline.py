@@ -1,4 +1,4 @@
-"""The distributed job: manifest -> skip done -> video decode (CPU tasks) -> modes -> model actors -> Parquet.
+"""The distributed job: manifest -> skip done -> video decode, once a video (CPU tasks) -> model actors -> Parquet.
 
 Ray Data does the scheduling, streaming and backpressure; this module builds the dataset from
 the stages and drives it. Planning is in `plan`, the stage functions in `stages`, the output
@@ -50,8 +50,9 @@ def samples_per_block(cfg: Config, num_samples: int) -> int:
 def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
     """Wire pending samples -> video stage -> model actors (a lazy Ray Dataset).
 
-    The input is the plan's Arrow tables cut into blocks of `samples_per_block` samples: no
-    Python object per sample on the driver, and a few Ray blocks and tasks per many samples.
+    The input is the plan's Arrow tables cut into blocks of about `samples_per_block` samples,
+    where a video starts: no Python object per sample on the driver, a few Ray blocks and tasks
+    per many samples, and each video in one video task.
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy

@@ -350,7 +350,7 @@ class ModelStage:
         if time.perf_counter() - self.t_last_log >= self.cfg.runtime.progress_interval_s:
             self.t_last_log = time.perf_counter()
             print(
-                f"[model-actor {self.actor_id}] rows={s['samples']} ({snapshot['samples_per_s']:.2f}/s) "
+                f"[model-actor {self.actor_id}] samples={s['samples']} ({snapshot['samples_per_s']:.2f}/s) "
                 f"out_tok/s={snapshot['output_tokens_per_s']:.1f} updates={s['controller_updates']} "
                 f"slot_occupancy={snapshot['slot_occupancy']:.2f} waiting_for_frames={s['wait_s']:.1f}s "
                 f"errors={s['errors']}",
