@@ -225,7 +225,7 @@ def group_by_video(tables: list, chunk_rows: int = PLAN_CHUNK_SAMPLES) -> tuple[
     Videos keep the order of their first sample, and samples keep manifest order within a video,
     so a manifest already grouped (annotation mode, one question per video) is not copied at all.
     Otherwise the rows are reordered one column at a time, so the peak is the pending samples plus
-    one column and the sort order (12 bytes a sample), never two copies of the table. The tables
+    two columns and the sort order (12 bytes a sample), never two copies of the table. The tables
     returned hold at least `chunk_rows` rows each (the last excepted), cut where a video starts,
     so no video spans two tables. `tables` is emptied: its buffers move into the result.
     """
@@ -248,8 +248,13 @@ def group_by_video(tables: list, chunk_rows: int = PLAN_CHUNK_SAMPLES) -> tuple[
         schema, columns = table.schema, []
         for name in schema.names:
             column = table.column(name)
-            table = table.drop_columns([name])  # the old column is freed once its reordered copy exists
-            columns.append(pa.chunked_array([column.take(ix) for ix in index_chunks], type=column.type))
+            table = table.drop_columns([name])
+            try:
+                # one array: take() over many chunks is ~5x slower; the chunks are freed right here
+                column = column.combine_chunks()
+            except (pa.ArrowInvalid, pa.ArrowCapacityError):  # over 2 GiB of text in one column: keep the chunks
+                pass
+            columns.append(pa.chunked_array([column.take(ix) for ix in index_chunks], type=schema.field(name).type))
             del column
         table = pa.Table.from_arrays(columns, schema=schema)
     del codes
