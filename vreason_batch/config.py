@@ -165,7 +165,15 @@ class VideoConfig(_Strict):
 
 
 class RuntimeConfig(_Strict):
-    batch_size: int = Field(4, ge=1, description="samples decoded together by one model actor")
+    batch_size: int = Field(
+        16, ge=1, description="samples per model-actor call (one Ray Data batch, whole videos: about this many); "
+        "the actor decodes their (sample, mode) rows through `decode_slots` slots, so a few times "
+        "decode_slots / modes keeps the slots full",
+    )
+    decode_slots: int = Field(
+        8, ge=1, description="(sample, mode) rows decoding together in a model actor; a slot is refilled with the "
+        "call's next row as soon as its row finishes",
+    )
     num_actors: int = Field(1, ge=1, description="model actors (one model each)")
     num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per model actor (0 on CPU)")
     num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per model actor")

@@ -43,7 +43,8 @@ CONTROLLER_UPDATES = MetricDef(
 )
 DECODE_SECONDS = MetricDef(
     "vreason_batch_decode_seconds", "histogram",
-    "Seconds a model actor spent decoding the rows of one mode of one batch (inputs, decode, scoring)",
+    "Seconds a model actor spent decoding one batch (all its modes decode together: each mode in the batch "
+    "observes the batch's seconds)",
     ("actor", "mode"), _SECONDS,
 )
 FRAME_WAIT_SECONDS = MetricDef(

@@ -1,4 +1,4 @@
-"""The distributed job: manifest -> skip done -> video decode (CPU tasks) -> modes -> model actors -> Parquet.
+"""The distributed job: manifest -> skip done -> video decode, once a video (CPU tasks) -> model actors -> Parquet.
 
 Ray Data does the scheduling, streaming and backpressure; this module builds the dataset from
 the stages and drives it. Planning is in `plan`, the stage functions in `stages`, the output
@@ -20,9 +20,9 @@ from typing import Any
 
 from .config import Config
 from .lease import Lease, LeaseLost
-from .plan import RunPlan, new_run_id, plan_run
+from .plan import RunPlan, input_blocks, new_run_id, plan_run
 from .results import ResultSink, RunResult, write_run_record
-from .stages import ModelStage, metrics_collector_class, model_needs_video, video_stage
+from .stages import ModelStage, metrics_collector_class, model_batch_rows, model_needs_video, video_stage
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +50,16 @@ def samples_per_block(cfg: Config, num_samples: int) -> int:
 def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
     """Wire pending samples -> video stage -> model actors (a lazy Ray Dataset).
 
-    The input is the plan's Arrow tables cut into blocks of `samples_per_block` samples: no
-    Python object per sample on the driver, and a few Ray blocks and tasks per many samples.
+    The input is the plan's Arrow tables cut into blocks of about `samples_per_block` samples,
+    where a video starts: no Python object per sample on the driver, a few Ray blocks and tasks
+    per many samples, and each video in one video task.
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     rt = cfg.runtime
     k = samples_per_block(cfg, plan.num_samples_pending)
-    blocks = [t.slice(i, k) for t in plan.pending_tables for i in range(0, t.num_rows, k)]
+    blocks = input_blocks(plan, k)  # cut where a video starts: each video's samples in one block
     # A Dataset seals the current DataContext when it is created: set the block size for ours only.
     ctx = DataContext.get_current()
     saved_block_bytes = ctx.target_max_block_size
@@ -67,7 +68,8 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             video_stage,
-            fn_kwargs={"video_cfg": cfg.video.model_dump(), "needs_video": model_needs_video(cfg)},
+            fn_kwargs={"video_cfg": cfg.video.model_dump(), "needs_video": model_needs_video(cfg),
+                       "max_samples_per_row": rt.batch_size},
             batch_size=None,  # the whole block: video_stage decides what travels together
             batch_format="pyarrow",
             num_cpus=1,
@@ -84,7 +86,7 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
                 "config_hash": plan.config_hash,
                 "metrics_actor": metrics_actor,
             },
-            batch_size=rt.batch_size,
+            batch_size=model_batch_rows(cfg, plan.num_samples_pending, plan.num_videos_pending),
             batch_format="pyarrow",
             compute=ActorPoolStrategy(size=rt.num_actors),
             num_gpus=rt.num_gpus_per_actor or None,

@@ -1,5 +1,10 @@
 """Planning, on the driver before any cluster work: stream the manifest, look at what the output
-already holds, and list the (sample, mode) pairs left to do, in bounded memory."""
+already holds, and list the (sample, mode) pairs left to do, in bounded memory.
+
+The pending samples are grouped by video (`group_by_video`) and cut into Ray input blocks at
+video boundaries (`input_blocks`), so that every video is decoded once per run, by one video
+task, however many questions ask about it.
+"""
 
 from __future__ import annotations
 
@@ -74,6 +79,7 @@ class RunPlan:
     duplicates_in_output: int = 0
     num_pairs_pending: int = 0
     num_samples_pending: int = 0
+    num_videos_pending: int = 0  # distinct videos among the pending samples; a sample without a video counts as one
 
     @property
     def pending(self) -> Iterator[tuple[Sample, list[str]]]:
@@ -145,7 +151,7 @@ def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id
     """Stream the manifest, look at what is already written, and list what is left to do.
 
     Memory: the ids seen (to drop duplicates), the keys already written, and the pending samples
-    as Arrow tables (not kept on a dry run). With `overwrite`, the job's results are deleted first;
+    as Arrow tables (not kept on a dry run), grouped by video once the manifest is read. With `overwrite`, the job's results are deleted first;
     with `dry_run` too, nothing is deleted and the plan shows what an overwriting run would do.
     """
     from .manifest import ManifestReader
@@ -180,6 +186,7 @@ def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id
             chunk = _PendingChunk()
     if len(chunk):
         tables.append(chunk.table())
+    tables, n_videos = group_by_video(tables)
     return RunPlan(
         run_id=run_id or new_run_id(),
         config_hash=chash,
@@ -191,4 +198,99 @@ def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id
         duplicates_in_output=done.duplicates,
         num_pairs_pending=n_pairs_pending,
         num_samples_pending=n_samples_pending,
+        num_videos_pending=n_videos,
     )
+
+
+def _video_run_starts(video):
+    """Row indices where a run of one video starts in a `video` column ([0, ...], sorted).
+
+    Samples without a video (text questions: "" or null) share nothing, so each is a run of one.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    n = len(video)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    has_video = pc.fill_null(pc.not_equal(video, ""), False).to_numpy(zero_copy_only=False)
+    same = pc.fill_null(pc.equal(video[1:], video[:-1]), False).to_numpy(zero_copy_only=False)
+    continues = same & has_video[1:]  # [n-1]: row i+1 continues row i's video
+    return np.concatenate([[0], np.flatnonzero(~continues) + 1]).astype(np.int64)
+
+
+def group_by_video(tables: list, chunk_rows: int = PLAN_CHUNK_SAMPLES) -> tuple[list, int]:
+    """Pending tables -> the same samples with each video's samples adjacent; and the number of videos.
+
+    Videos keep the order of their first sample, and samples keep manifest order within a video,
+    so a manifest already grouped (annotation mode, one question per video) is not copied at all.
+    Otherwise the rows are reordered one column at a time, so the peak is the pending samples plus
+    two columns and the sort order (12 bytes a sample), never two copies of the table. The tables
+    returned hold at least `chunk_rows` rows each (the last excepted), cut where a video starts,
+    so no video spans two tables. `tables` is emptied: its buffers move into the result.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not tables:
+        return [], 0
+    table = pa.concat_tables(tables)
+    tables.clear()
+    video = table.column("video")
+    # codes in order of first appearance: index_in over unique() (which keeps that order)
+    codes = pc.index_in(video, value_set=pc.unique(video)).to_numpy(zero_copy_only=False)
+    del video
+    if len(codes) > 1 and (np.diff(codes) < 0).any():
+        order = np.argsort(codes, kind="stable")
+        index_chunks = [pa.array(order[i:i + chunk_rows]) for i in range(0, len(order), chunk_rows)]
+        del order
+        schema, columns = table.schema, []
+        for name in schema.names:
+            column = table.column(name)
+            table = table.drop_columns([name])
+            try:
+                # one array: take() over many chunks is ~5x slower; the chunks are freed right here
+                column = column.combine_chunks()
+            except (pa.ArrowInvalid, pa.ArrowCapacityError):  # over 2 GiB of text in one column: keep the chunks
+                pass
+            columns.append(pa.chunked_array([column.take(ix) for ix in index_chunks], type=schema.field(name).type))
+            del column
+        table = pa.Table.from_arrays(columns, schema=schema)
+    del codes
+    starts = _video_run_starts(table.column("video"))
+    n, out, i = table.num_rows, [], 0
+    while i < n:
+        p = int(np.searchsorted(starts, i + chunk_rows))  # first video starting at or after i + chunk_rows
+        j = int(starts[p]) if p < len(starts) else n
+        out.append(table.slice(i, j - i))
+        i = j
+    return out, len(starts)
+
+
+def input_blocks(plan: RunPlan, k: int) -> list:
+    """The plan's pending samples as Ray input blocks of about `k` samples, never splitting a video.
+
+    A block ends at the last video start at or before `k` samples; when a single video has more
+    than `k` pending samples, its block holds that whole video (so it may exceed `k`). Blocks are
+    zero-copy slices of the pending tables.
+    """
+    import numpy as np
+
+    blocks = []
+    for t in plan.pending_tables:
+        starts = _video_run_starts(t.column("video"))
+        n, i = t.num_rows, 0
+        while i < n:
+            end = i + k
+            if end >= n:
+                j = n
+            else:
+                p = int(np.searchsorted(starts, end, side="right")) - 1  # last video start <= end
+                if starts[p] > i:
+                    j = int(starts[p])
+                else:  # one video from i past end: the whole video
+                    j = int(starts[p + 1]) if p + 1 < len(starts) else n
+            blocks.append(t.slice(i, j - i))
+            i = j
+    return blocks

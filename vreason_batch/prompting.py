@@ -169,6 +169,53 @@ def qwen_chat(system: str, user: str, video_pads: int, spec: VisionSpec | None) 
     )
 
 
+@dataclass
+class VideoPatches:
+    """One video's pixel patches, built once and shared by every question on it (read-only)."""
+
+    patches: Any  # torch.FloatTensor [n_patches, C * temporal_patch * patch * patch]
+    grid_thw: tuple[int, int, int]  # (t, h, w) in patches
+    frame_height: int  # after smart-resize
+    frame_width: int
+
+
+def video_patches(frames: np.ndarray, spec: VisionSpec, min_pixels: int = 128 * 28 * 28,
+                  max_pixels: int = 768 * 28 * 28) -> VideoPatches:
+    patches, grid, (h, w) = frames_to_patches(frames, spec, min_pixels, max_pixels)
+    return VideoPatches(patches, grid, h, w)
+
+
+def video_question_inputs(
+    tokenizer,
+    spec: VisionSpec,
+    video: VideoPatches,
+    sampled_fps: float,
+    question: str,
+    options: list[str] | None = None,
+    problem_type: str = "free_form",
+    template: str = "reasoning",
+    system_prompt: str = "You are a helpful assistant.",
+) -> ModelInputs:
+    """One question on a video whose patches are built: the prompt around them (the patches shared, not copied)."""
+    gt, gh, gw = video.grid_thw
+    n_video = gt * gh * gw // (spec.merge_size**2)
+    text = qwen_chat(system_prompt, user_text(question, options, problem_type, template), n_video, spec)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    got = sum(1 for t in ids if t == spec.video_token_id)
+    if got != n_video:
+        raise RuntimeError(f"tokenizer produced {got} video pads, expected {n_video}")
+    fps = sampled_fps if sampled_fps and sampled_fps > 0 else 2.0
+    return ModelInputs(
+        input_ids=ids,
+        pixel_values_videos=video.patches,
+        video_grid_thw=(gt, gh, gw),
+        second_per_grid_t=spec.temporal_patch_size / fps,
+        num_video_tokens=n_video,
+        frame_height=video.frame_height,
+        frame_width=video.frame_width,
+    )
+
+
 def build_video_inputs(
     tokenizer,
     spec: VisionSpec,
@@ -182,23 +229,8 @@ def build_video_inputs(
     min_pixels: int = 128 * 28 * 28,
     max_pixels: int = 768 * 28 * 28,
 ) -> ModelInputs:
-    patches, (gt, gh, gw), (h, w) = frames_to_patches(frames, spec, min_pixels, max_pixels)
-    n_video = gt * gh * gw // (spec.merge_size**2)
-    text = qwen_chat(system_prompt, user_text(question, options, problem_type, template), n_video, spec)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    got = sum(1 for t in ids if t == spec.video_token_id)
-    if got != n_video:
-        raise RuntimeError(f"tokenizer produced {got} video pads, expected {n_video}")
-    fps = sampled_fps if sampled_fps and sampled_fps > 0 else 2.0
-    return ModelInputs(
-        input_ids=ids,
-        pixel_values_videos=patches,
-        video_grid_thw=(gt, gh, gw),
-        second_per_grid_t=spec.temporal_patch_size / fps,
-        num_video_tokens=n_video,
-        frame_height=h,
-        frame_width=w,
-    )
+    return video_question_inputs(tokenizer, spec, video_patches(frames, spec, min_pixels, max_pixels), sampled_fps,
+                                 question, options, problem_type, template, system_prompt)
 
 
 def build_text_inputs(

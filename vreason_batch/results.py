@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 RUNS_DIR = "_runs"  # run records; the leading underscore makes dataset readers skip them
 RESULT_SUFFIX = ".parquet"
+# The run record's counts of work done, summed over the model actors' snapshots (stages.ModelStage)
+WORK_COUNTS = ("video_decodes", "vision_encodes", "prefill_tokens")
 
 
 @dataclass
@@ -106,6 +108,13 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
+def work_counts(actor_metrics: dict[str, dict]) -> dict[str, int]:
+    """WORK_COUNTS summed over the model actors' latest snapshots. Each actor stores its snapshot
+    before returning a batch's rows, and a restarted actor reports under a new id, so a batch whose
+    rows were written is counted once (a batch retried after its actor died counts its retry only)."""
+    return {k: sum(int(snap.get(k) or 0) for snap in actor_metrics.values()) for k in WORK_COUNTS}
+
+
 def write_run_record(cfg: Config, plan: RunPlan, status: str, result: RunResult | None = None, extra: dict | None = None) -> str:
     from . import storage
 
@@ -138,6 +147,10 @@ def write_run_record(cfg: Config, plan: RunPlan, status: str, result: RunResult 
             "output_tokens": result.output_tokens,
             "output_tokens_per_s": result.output_tokens / result.wall_s if result.wall_s else None,
         }
+    if extra and "actor_metrics" in extra:
+        record["counts"].update(work_counts(extra["actor_metrics"]))
+    elif status == "finished":  # nothing was pending: no model actor ran
+        record["counts"].update(dict.fromkeys(WORK_COUNTS, 0))
     if extra:
         record.update(extra)
     dest = storage.join(cfg.output.uri, RUNS_DIR, f"{plan.run_id}.json")

@@ -1,8 +1,10 @@
 """The stages of the job, run in Ray workers: plain functions and one actor class, testable without Ray.
 
-block of samples -> `video_stage` (CPU tasks: `load_video_row` decodes, samples and resizes
-frames; `expand_modes` gives one row per pending mode) -> `ModelStage` (GPU actors: one output row per input row, a result
-or an error row in OUTPUT_SCHEMA).
+block of samples (the plan keeps each video's samples in one block) -> `video_stage` (CPU tasks:
+each distinct video decoded once, its frames sampled and resized; one stage row per video,
+carrying its frames once and the list of its samples with their pending modes) -> `ModelStage`
+(GPU actors: one request per sample with all its modes, one engine call per actor call; one
+output row per (sample, mode) in OUTPUT_SCHEMA, a result or an error row).
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from .config import Config
+from .config import Config, VideoConfig
 from .metrics import ActorMetrics
 from .schema import SCHEMA_VERSION, empty_row, rows_to_table
 
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "VREASON_BATCH_FAULT_ONCE"  # tests: path of a marker; a model actor dies once
+# A sample's fields in a stage row (the plan's columns less the video, which the row holds once)
+SAMPLE_FIELDS = ("sample_id", "question", "dataset", "options", "answer_gt", "problem_type", "error_type", "error",
+                 "modes")
+# The engine's counts a model actor adds up and reports (EngineStats fields), besides video_decodes
+ENGINE_COUNTS = ("vision_encodes", "prefill_tokens", "decode_steps", "busy_slot_steps", "slot_steps")
 
 
 def model_needs_video(cfg: Config) -> bool:
@@ -30,71 +37,112 @@ def model_needs_video(cfg: Config) -> bool:
     return not (cfg.input.text_only or name.endswith(".gguf") or name == BUILTIN_SMOLLM2)
 
 
-def load_video_row(row: dict[str, Any], video_cfg: dict, needs_video: bool) -> dict[str, Any]:
-    """One sample row -> the same row plus sampled, resized frames (or an error). CPU-only."""
+def model_batch_rows(cfg: Config, num_samples: int, num_videos: int) -> int:
+    """Stage rows per model-actor call (Ray Data's batch_size) for about runtime.batch_size samples a call.
+
+    A stage row holds one video's samples (at most batch_size of them); with m samples a video on
+    average (the plan counts them), batch_size / m rows hold about batch_size samples.
+    """
+    bs = cfg.runtime.batch_size
+    if not model_needs_video(cfg) or not num_videos:
+        return bs  # one sample a row
+    per_row = min(float(bs), num_samples / num_videos)
+    return max(1, round(bs / per_row))
+
+
+def video_groups(samples: list[dict], needs_video: bool) -> list[list[dict]]:
+    """The samples of a block grouped by video, videos in order of their first sample.
+
+    Samples without a video (text questions), or all samples when the model reads no frames,
+    share nothing: a group of one each.
+    """
+    groups: list[list[dict]] = []
+    by_video: dict[str, list[dict]] = {}
+    for s in samples:
+        v = s.get("video")
+        if needs_video and v:
+            if v not in by_video:
+                by_video[v] = []
+                groups.append(by_video[v])
+            by_video[v].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def load_video(video: str, vc: VideoConfig) -> dict[str, Any]:
+    """Decode, sample and resize one video's frames (CPU): a stage row's video fields, or its error."""
     import torch
 
-    from .config import VideoConfig
     from .prompting import resize_frames, smart_resize
     from .video import VideoError, load_clip
 
-    out = dict(row)
-    out.update(frames=b"", frames_shape=[], frame_indices=[], video_fps=None, sampled_fps=None, video_duration_s=None,
-               media_type=None if needs_video else "text")
-    if row.get("error_type") or not needs_video:
-        return out
-    vc = VideoConfig(**video_cfg)
     try:
-        clip = load_clip(row["video"], vc)
+        clip = load_clip(video, vc)
         # resize here, on the CPU workers, so model actors get frames ready to patchify;
         # 28 = patch 14 x merge 2, shared by every Qwen2-VL / Qwen2.5-VL checkpoint
         h, w = smart_resize(clip.frame_height, clip.frame_width, 28, vc.min_pixels, vc.max_pixels)
         frames = resize_frames(clip.frames, h, w).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
     except VideoError as e:
-        out.update(error_type=e.error_type, error=str(e))
-        return out
+        return {"error_type": e.error_type, "error": str(e)}
     except ValueError as e:  # e.g. smart_resize on an absurd aspect ratio
-        out.update(error_type="video_unreadable", error=f"{row['video']}: {e}")
-        return out
-    out.update(frames=frames.tobytes(), frames_shape=list(frames.shape), **clip.row_fields())
-    return out
+        return {"error_type": "video_unreadable", "error": f"{video}: {e}"}
+    return dict(frames=frames.tobytes(), frames_shape=list(frames.shape), **clip.row_fields())  # frames [T, H, W, 3] uint8
 
 
-def expand_modes(row: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (sample, pending mode): the model stage is then strictly one row in, one row out."""
-    modes = row["modes"]
-    return [{**{k: v for k, v in row.items() if k != "modes"}, "mode": m} for m in modes]
+def video_rows(group: list[dict], vc: VideoConfig, needs_video: bool, max_samples_per_row: int) -> list[dict]:
+    """One video's samples (plan rows) -> its stage rows: the video decoded once (unless no sample
+    can use it), its frames in each row, at most `max_samples_per_row` samples a row.
+
+    A video with more samples than that is carried in several rows (frames repeated once per
+    `max_samples_per_row` samples), so one model-actor call stays about runtime.batch_size samples.
+    `video_decodes` is 1 on the first row of a decoded video (failed decodes included), else 0.
+    """
+    video = group[0].get("video")
+    row: dict[str, Any] = dict(
+        video=video, error_type=None, error=None, frames=b"", frames_shape=[], frame_indices=[], video_fps=None,
+        sampled_fps=None, video_duration_s=None, media_type=None if needs_video else "text", video_decodes=0,
+    )
+    if needs_video and any(not s.get("error_type") for s in group):
+        row.update(load_video(video, vc), video_decodes=1)
+    samples = [{k: s.get(k) for k in SAMPLE_FIELDS} for s in group]
+    n = max_samples_per_row
+    return [{**row, "samples": samples[i:i + n], "video_decodes": row["video_decodes"] if i == 0 else 0}
+            for i in range(0, len(samples), n)]
 
 
 def stage_schema():
-    """The Arrow schema of rows between the video stage and the model actors."""
+    """The Arrow schema of rows between the video stage and the model actors: one video (its frames
+    once, or its error) and the samples asking about it. Internal; not a user contract."""
     import pyarrow as pa
 
-    text, ints, num = pa.string(), pa.list_(pa.int64()), pa.float64()
+    text, ints, num, texts = pa.string(), pa.list_(pa.int64()), pa.float64(), pa.list_(pa.string())
+    sample = pa.struct([(f, texts if f in ("options", "modes") else text) for f in SAMPLE_FIELDS])
     return pa.schema([
-        ("sample_id", text), ("video", text), ("question", text), ("dataset", text), ("options", pa.list_(text)),
-        ("answer_gt", text), ("problem_type", text), ("error_type", text), ("error", text), ("mode", text),
+        ("video", text), ("error_type", text), ("error", text),  # the video's error: every sample of the row gets it
         ("frames", pa.binary()), ("frames_shape", ints), ("frame_indices", ints), ("video_fps", num),
-        ("sampled_fps", num), ("video_duration_s", num), ("media_type", text),
+        ("sampled_fps", num), ("video_duration_s", num), ("media_type", text), ("video_decodes", pa.int64()),
+        ("samples", pa.list_(sample)),
     ])
 
 
-def video_stage(block, video_cfg: dict, needs_video: bool):
-    """A block of pending samples (plan_schema) -> one row per (sample, pending mode), with frames or an error.
+def video_stage(block, video_cfg: dict, needs_video: bool, max_samples_per_row: int):
+    """A block of pending samples (plan_schema) -> stage rows: each distinct video decoded once.
 
-    A generator over the whole block: each sample's rows with frames are yielded as soon as they
-    are decoded, so model actors start while the task goes on; rows without frames (errors, text
-    questions) are small and go on together at the end, so a block of missing videos costs Ray
-    one output block, not one per sample. What is yielded depends only on the block's content, as
-    Ray's replay of a retried generator task requires.
+    A generator over the whole block: each video's rows are yielded as soon as it is decoded, so
+    model actors start while the task goes on; rows without frames (errors, text questions) are
+    small and go on together at the end, so a block of missing videos costs Ray one output block,
+    not one per sample. What is yielded depends only on the block's content, as Ray's replay of a
+    retried generator task requires.
     """
     import pyarrow as pa
 
     schema = stage_schema()
+    vc = VideoConfig(**video_cfg)
     light: list[dict] = []
-    for row in block.to_pylist():
-        rows = expand_modes(load_video_row(row, video_cfg, needs_video))
-        if rows and rows[0]["frames_shape"]:
+    for group in video_groups(block.to_pylist(), needs_video):
+        rows = video_rows(group, vc, needs_video, max_samples_per_row)
+        if rows[0]["frames_shape"]:
             yield pa.Table.from_pylist(rows, schema=schema)
         else:
             light.extend(rows)
@@ -121,10 +169,19 @@ def _error_result(row: dict, base: dict, error_type: str, error: str) -> dict:
     return r
 
 
-class ModelStage:
-    """A Ray Data actor: loads the model once, decodes batches of (sample, mode) rows.
+def _sample(row: dict, s: dict) -> dict:
+    """One sample of a stage row with its video's fields (not the frames): what its output rows show."""
+    return {**{k: v for k, v in s.items() if k not in ("modes", "error_type", "error")},
+            **{k: row.get(k) for k in ("video", "media_type", "frame_indices", "video_fps", "sampled_fps",
+                                       "video_duration_s")}}
 
-    Each input row yields exactly one output row in OUTPUT_SCHEMA: a result, or an error row.
+
+class ModelStage:
+    """A Ray Data actor: loads the model once; each call decodes a batch of stage rows.
+
+    One request per sample carrying all its pending modes, one `decode_requests` call for the
+    whole batch through `runtime.decode_slots` slots; each (sample, mode) yields exactly one output
+    row in OUTPUT_SCHEMA: a result, or an error row.
     """
 
     def __init__(self, cfg_json: str, run_id: str, config_hash: str, metrics_actor: Any = None):
@@ -140,79 +197,123 @@ class ModelStage:
         self.metrics_actor = metrics_actor
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
         self.metrics = ActorMetrics(self.actor_id)
-        self.stats = {"samples": 0, "output_tokens": 0, "controller_updates": 0, "decode_s": 0.0, "wait_s": 0.0, "errors": 0}
+        self.stats = {"samples": 0, "output_tokens": 0, "controller_updates": 0, "decode_s": 0.0, "wait_s": 0.0, "errors": 0,
+                      "video_decodes": 0, **dict.fromkeys(ENGINE_COUNTS, 0)}
         self.t_start = time.perf_counter()
         self.t_last_end: float | None = None
         self.t_last_log = time.perf_counter()
 
     # -- one batch ------------------------------------------------------------------------
     def __call__(self, batch):
+        from .decoding import Request
+
         t_in = time.perf_counter()
         if self.t_last_end is not None:
             self.stats["wait_s"] += t_in - self.t_last_end  # idle: waiting for frames upstream
             self.metrics.record_frame_wait(t_in - self.t_last_end)
         _maybe_inject_fault()
         rows = batch.to_pylist() if hasattr(batch, "to_pylist") else _columns_to_rows(batch)
-        results: list[dict | None] = [None] * len(rows)
-        by_mode: dict[str, list[int]] = {}
-        prepared: dict[int, Any] = {}
-        for i, row in enumerate(rows):
-            if row.get("error_type"):
-                results[i] = _error_result(row, self.base, row["error_type"], row.get("error") or "")
-                continue
-            try:
-                prepared[i] = self._prepare(row)
-            except Exception as e:  # noqa: BLE001 - one bad sample becomes an error row, never a failed batch
-                results[i] = _error_result(row, self.base, "internal_error", f"building model inputs: {type(e).__name__}: {e}")
-                continue
-            by_mode.setdefault(row["mode"], []).append(i)
-        mode_s: dict[str, float] = {}
-        for mode, idx in by_mode.items():
-            t_mode = time.perf_counter()
-            for i, res in zip(idx, self._decode(mode, [prepared[i] for i in idx], [rows[i] for i in idx])):
-                results[i] = res
-            mode_s[mode] = time.perf_counter() - t_mode
-        for mode in dict.fromkeys(r["mode"] for r in results):
-            self.metrics.record_mode(mode, [r for r in results if r["mode"] == mode], mode_s.get(mode))
-        self._account(results, time.perf_counter() - t_in)
+        out: list[dict | None] = []  # one per (sample, mode), samples in batch order
+        waiting: list[tuple[int, int, str]] = []  # (index in out, request key, mode) of rows to decode
+        prepared: list[tuple[dict, Any]] = []  # by request key: (sample, model inputs)
+        requests: list[Request] = []
+        videos: dict[str, Any] = {}  # video -> its patches (or the error building them), once per call
+        for row in rows:
+            self.stats["video_decodes"] += row.get("video_decodes") or 0
+            for s in row["samples"]:
+                sample, modes = _sample(row, s), list(s["modes"])
+                err = (s["error_type"], s.get("error")) if s.get("error_type") else (
+                    (row["error_type"], row.get("error")) if row.get("error_type") else None)
+                x = None
+                if err is None:
+                    try:
+                        x = self._prepare(row, s, videos)
+                    except Exception as e:  # noqa: BLE001 - one bad sample becomes error rows, never a failed batch
+                        err = ("internal_error", f"building model inputs: {type(e).__name__}: {e}")
+                if err is not None:
+                    out.extend(_error_result({**sample, "mode": m}, self.base, err[0], err[1] or "") for m in modes)
+                    continue
+                key = len(prepared)
+                prepared.append((sample, x))
+                shared = row["video"] if x.pixel_values_videos is not None else None
+                requests.append(Request(key=key, inputs=x, modes=tuple(modes), video_key=shared))
+                for m in modes:
+                    waiting.append((len(out), key, m))
+                    out.append(None)
+        t_decode = time.perf_counter()
+        decoded = self._decode(requests) if requests else {}
+        decode_s = time.perf_counter() - t_decode
+        for i, key, m in waiting:
+            sample, x = prepared[key]
+            o = decoded.get((key, m), "the engine returned no result for this row")
+            if isinstance(o, str):
+                out[i] = _error_result({**sample, "mode": m}, self.base, "decode_error", o)
+            else:
+                out[i] = self._result_row({**sample, "mode": m}, x, o)
+        decoded_modes = {m for r in requests for m in r.modes}
+        for mode in dict.fromkeys(r["mode"] for r in out):
+            self.metrics.record_mode(mode, [r for r in out if r["mode"] == mode], decode_s if mode in decoded_modes else None)
+        self._account(out, time.perf_counter() - t_in)
         self.t_last_end = time.perf_counter()
-        return rows_to_table(results)
+        return rows_to_table(out)
 
-    def _prepare(self, row: dict):
+    def _prepare(self, row: dict, s: dict, videos: dict):
+        """A sample's model inputs, built once for all its modes; a video's patches once per call."""
         import numpy as np
 
-        from .prompting import build_text_inputs, build_video_inputs
+        from .prompting import build_text_inputs, video_patches, video_question_inputs
 
         c = self.cfg
         if self.lm.is_vl and row.get("frames_shape"):
-            # bytearray: a writable [T, H, W, 3] uint8 array; torch.from_numpy warns on (and must
-            # not write into) the read-only buffer that np.frombuffer gives over `bytes`
-            frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
-            return build_video_inputs(
-                self.lm.tokenizer, self.lm.vision, frames, row.get("sampled_fps") or 2.0, row["question"],
-                row.get("options") or None, row.get("problem_type") or "free_form", c.decoding.prompt,
-                c.decoding.system_prompt, c.video.min_pixels, c.video.max_pixels,
+            video = row["video"]
+            if video not in videos:
+                try:
+                    # bytearray: a writable [T, H, W, 3] uint8 array; torch.from_numpy warns on (and must
+                    # not write into) the read-only buffer that np.frombuffer gives over `bytes`
+                    frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
+                    videos[video] = video_patches(frames, self.lm.vision, c.video.min_pixels, c.video.max_pixels)
+                except Exception as e:  # noqa: BLE001 - kept, so every question on this video gets the same error
+                    videos[video] = e
+            if isinstance(videos[video], Exception):
+                raise videos[video]
+            return video_question_inputs(
+                self.lm.tokenizer, self.lm.vision, videos[video], row.get("sampled_fps") or 2.0, s["question"],
+                s.get("options") or None, s.get("problem_type") or "free_form", c.decoding.prompt, c.decoding.system_prompt,
             )
         return build_text_inputs(
-            self.lm.tokenizer, row["question"], row.get("options") or None, row.get("problem_type") or "free_form",
+            self.lm.tokenizer, s["question"], s.get("options") or None, s.get("problem_type") or "free_form",
             c.decoding.prompt, c.decoding.system_prompt if self.lm.is_vl else None,
         )
 
-    def _decode(self, mode: str, inputs: list, rows: list[dict]) -> list[dict]:
-        """Decode together; if the batch fails (e.g. out of memory), retry one by one so only the culprit fails."""
-        from .decoding import DecodeSettings, decode_batch
+    def _decode(self, requests: list) -> dict[tuple[int, str], Any]:
+        """Every request through the engine in one call; if the call fails (e.g. out of memory), each
+        request alone (one slot), so only the culprit's rows fail. -> {(key, mode): DecodeResult or error text}."""
+        from .decoding import DecodeSettings, decode_requests
 
-        settings = DecodeSettings.from_config(self.cfg, mode)
+        # the engine takes each request's modes; the settings' own mode is not used
+        settings = DecodeSettings.from_config(self.cfg, requests[0].modes[0])
         try:
-            outs = decode_batch(self.lm, inputs, settings)
-            return [self._result_row(r, x, o) for r, x, o in zip(rows, inputs, outs)]
-        except Exception as batch_err:  # noqa: BLE001 - isolate the failing sample below
-            if len(inputs) == 1:
-                _free_accelerator_memory()
-                return [_error_result(rows[0], self.base, "decode_error", f"{type(batch_err).__name__}: {batch_err}")]
-            log.warning("batch of %d failed (%s); retrying one sample at a time", len(inputs), batch_err)
+            results, stats = decode_requests(self.lm, requests, settings, self.cfg.runtime.decode_slots)
+            self._count_engine(stats)
+            return results
+        except Exception as call_err:  # noqa: BLE001 - isolate the failing sample below
+            log.warning("decoding %d samples together failed (%s: %s); retrying one sample at a time",
+                        len(requests), type(call_err).__name__, call_err)
             _free_accelerator_memory()
-            return [self._decode(mode, [x], [r])[0] for x, r in zip(inputs, rows)]
+        out: dict[tuple[int, str], Any] = {}
+        for r in requests:
+            try:
+                results, stats = decode_requests(self.lm, [r], settings, 1)
+                self._count_engine(stats)
+                out.update(results)
+            except Exception as e:  # noqa: BLE001 - this sample's rows become decode_error rows
+                _free_accelerator_memory()
+                out.update({(r.key, m): f"{type(e).__name__}: {e}" for m in r.modes})
+        return out
+
+    def _count_engine(self, stats) -> None:
+        for k in ENGINE_COUNTS:
+            self.stats[k] += getattr(stats, k)
 
     def _result_row(self, row: dict, x, o) -> dict:
         from .scoring import extract_answer, score
@@ -242,17 +343,32 @@ class ModelStage:
             **s,
             "samples_per_s": s["samples"] / elapsed if elapsed else 0.0,
             "output_tokens_per_s": s["output_tokens"] / s["decode_s"] if s["decode_s"] else 0.0,
+            "slot_occupancy": s["busy_slot_steps"] / s["slot_steps"] if s["slot_steps"] else 0.0,
         }
         if self.metrics_actor is not None:
-            self.metrics_actor.record.remote(self.actor_id, snapshot)
+            _report(self.metrics_actor, self.actor_id, snapshot)
         if time.perf_counter() - self.t_last_log >= self.cfg.runtime.progress_interval_s:
             self.t_last_log = time.perf_counter()
             print(
                 f"[model-actor {self.actor_id}] samples={s['samples']} ({snapshot['samples_per_s']:.2f}/s) "
                 f"out_tok/s={snapshot['output_tokens_per_s']:.1f} updates={s['controller_updates']} "
-                f"waiting_for_frames={s['wait_s']:.1f}s errors={s['errors']}",
+                f"slot_occupancy={snapshot['slot_occupancy']:.2f} waiting_for_frames={s['wait_s']:.1f}s "
+                f"errors={s['errors']}",
                 flush=True,
             )
+
+
+def _report(metrics_actor: Any, actor_id: str, snapshot: dict) -> None:
+    """Store this actor's snapshot in the collector before the batch's rows are returned (waited
+    for: a few ms a batch), so that the run record, read once the last rows arrive, counts every
+    batch whose rows were written. A lost collector costs the metrics, never the batch."""
+    import ray
+    import ray.exceptions as rx
+
+    try:
+        ray.get(metrics_actor.record.remote(actor_id, snapshot), timeout=30)
+    except (rx.RayActorError, rx.GetTimeoutError) as e:
+        log.warning("metrics collector unreachable (%s); this batch's counts are not in the run record", e)
 
 
 def _columns_to_rows(batch: dict) -> list[dict]:
