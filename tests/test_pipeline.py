@@ -579,8 +579,6 @@ def test_annotation_decodes_each_video_once(annotation_runs):
         assert counts["prefill_tokens"] > 0 and counts["vision_encodes"] > 0, (slots, counts)
 
 
-@pytest.mark.xfail(strict=True, reason="the static decode_requests adapter on main runs the vision tower once per "
-                   "(request, mode), 27 here; the issue-10 engine runs it once per video_key. Remove this mark then.")
 def test_annotation_encodes_each_video_once(annotation_runs):
     counts = annotation_runs[4][1]["counts"]
     assert counts["vision_encodes"] == 3, counts
