@@ -140,6 +140,16 @@ class _Progress:
         )
 
 
+def probe_manifest(cfg: Config) -> None:
+    """Read the input's first rows (one id chunk, `manifest.ID_CHUNK`) and raise ManifestError if it
+    is missing, unreadable, or small and without usable rows: before a run takes the output's
+    lease, so bad input leaves nothing behind. Planning, under the lease, reads the whole input
+    once and finds the rest (e.g. a column missing from every row of a large JSONL)."""
+    from .manifest import ManifestReader
+
+    next(iter(ManifestReader(cfg.input)), None)
+
+
 def take_lease(cfg: Config, run_id: str) -> Lease:
     """This run's lease on the output (raises LeaseHeld naming a live holder); renewed until released."""
     lease = Lease(cfg.output.uri, run_id, cfg.output.lease_ttl_s).acquire()
@@ -156,6 +166,8 @@ def run_job(cfg: Config, overwrite: bool = False, plan: RunPlan | None = None, l
     """
     own_lease = lease is None
     if own_lease:
+        if plan is None:
+            probe_manifest(cfg)
         lease = take_lease(cfg, plan.run_id if plan else new_run_id())
     try:
         plan = plan or plan_run(cfg, overwrite=overwrite, run_id=lease.run_id)
