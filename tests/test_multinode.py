@@ -35,7 +35,8 @@ def cluster():
     from ray.cluster_utils import Cluster
 
     assert not ray.is_initialized(), "another module's Ray is still up"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    # no dashboard: its processes compete for the two cores with the nodes and the model actor
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     workers = [c.add_node(num_cpus=2) for _ in range(2)]
     c.wait_for_nodes()
     ray.init(address=c.address)
