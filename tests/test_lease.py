@@ -77,10 +77,42 @@ def test_renewal_keeps_the_lease_and_release_frees_it(out):
         lease.check()  # not renewed in time: the run must stop even before anyone takes over
 
     clock.t += 1000
-    lease = Lease(out, "run-B", ttl_s=60, clock=clock).acquire()
+    lease = Lease(out, "run-B", ttl_s=60, clock=clock).acquire()  # takes over run-A's lapsed lease
     lease.release()
     assert current_holder(out, now=clock.t) is None
+    assert storage.list_files(out, "*") == []  # a finished run leaves no lease behind, nor the one it took over
     assert Lease(out, "run-C", ttl_s=60, clock=clock).acquire().info.run_id == "run-C"  # no wait
+
+
+def test_a_lapsed_lease_is_never_renewed_even_when_its_taker_is_gone(out):
+    clock = Clock()
+    stalled = Lease(out, "run-A", ttl_s=60, clock=clock).acquire()
+    clock.t += 61  # run-A stalls past its expiry; run-B takes over, finishes and deletes its lease
+    taker = Lease(out, "run-B", ttl_s=60, clock=clock).acquire()
+    taker.release()
+    assert storage.list_files(out, "*") == []
+    with pytest.raises(LeaseLost, match="lapsed"):
+        stalled.renew()  # nothing newer is there to see: the lapse alone must stop run-A
+    with pytest.raises(LeaseLost):
+        stalled.check()
+    stalled.release()  # a lost lease is not ours to delete
+    assert current_holder(out, now=clock.t) is None
+
+
+def test_a_renewal_that_fails_to_write_does_not_extend_the_lease(out, monkeypatch):
+    clock = Clock()
+    lease = Lease(out, "run-A", ttl_s=60, clock=clock).acquire()
+    clock.t += 45
+
+    def broken(uri, data):
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(storage, "write_bytes", broken)
+    with pytest.raises(OSError):
+        lease.renew()
+    clock.t += 16  # past the stored expiry: the run must stop although it tried to renew
+    with pytest.raises(LeaseLost, match="expired"):
+        lease.check()
 
 
 def test_renewing_thread_outlives_the_ttl(out):

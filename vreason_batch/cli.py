@@ -108,7 +108,7 @@ def _load(args):
 def cmd_run(args) -> int:
     from .lease import LeaseHeld, current_holder
     from .manifest import ManifestError
-    from .pipeline import new_run_id, plan_run, run_job, take_lease
+    from .pipeline import new_run_id, plan_run, probe_manifest, run_job, take_lease
 
     cfg = _load(args)
     if args.dry_run:
@@ -123,8 +123,13 @@ def cmd_run(args) -> int:
                           "config_hash": plan.config_hash, "manifest": plan.manifest_summary,
                           "held_by_run": holder.run_id if holder else None}, indent=2))
         return 0
-    # The lease first: planning reads what is done, and no other run may write between that
-    # read and this run's work.
+    # The lease before planning: planning reads what is done, and no other run may write between
+    # that read and this run's work. Only the manifest's first rows are read before it.
+    try:
+        probe_manifest(cfg)
+    except ManifestError as e:
+        print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         lease = take_lease(cfg, new_run_id())
     except LeaseHeld as e:

@@ -7,10 +7,12 @@ all the work twice. The lease lives next to the data, in generations:
 
 The highest generation is the current lease. A run takes the lease by creating generation G+1
 with a create-if-absent write (S3: `If-None-Match: *`; local: link()), which exactly one racer
-wins, and only when generation G is expired or released. The holder rewrites its own generation
+wins, and only when generation G is expired (or absent). The holder rewrites its own generation
 to push `expires_at` forward (a daemon thread, every ttl/4); a driver that is killed stops
-renewing, its lease expires after `ttl_s`, and the next run takes over. A holder that finds a
-higher generation has lost the lease (it stalled past its expiry) and must stop writing.
+renewing, its lease expires after `ttl_s`, and the next run takes over. A holder whose lease
+lapsed (it stalled past its expiry) has lost it, whether or not a higher generation is there,
+and must stop writing. A run that ends deletes its generation and those before it, so a
+finished run leaves no lease behind (generation numbers then start again at 1).
 
 Expiry compares the holder's clock with the reader's: keep `runtime.lease_ttl_s` well above the
 clock skew between the machines that may run drivers.
@@ -26,7 +28,7 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 
 from . import storage
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 LEASE_DIR = "_lease"  # the leading underscore makes dataset readers skip it
 _GENERATION = re.compile(r"^(\d{12})\.json$")
 RENEWALS_PER_TTL = 4
+ACQUIRE_ATTEMPTS = 5  # a lease released (deleted) between a listing and its read: look again
 
 
 class LeaseHeld(RuntimeError):
@@ -64,7 +67,7 @@ class LeaseInfo:
     started_at: float  # epoch seconds, the holder's clock
     renewed_at: float
     expires_at: float
-    released: bool = False
+    released: bool = False  # written by earlier versions, which kept a released lease; now it is deleted
 
     def live(self, now: float) -> bool:
         return not self.released and self.expires_at > now
@@ -100,11 +103,18 @@ def _path(uri: str, gen: int) -> str:
 
 def current_holder(uri: str, now: float | None = None) -> LeaseInfo | None:
     """The run holding `uri` now, or None (no lease, or the last one expired or was released)."""
-    gens = _generations(uri)
-    if not gens:
-        return None
-    info = LeaseInfo.from_bytes(storage.read_bytes(_path(uri, gens[-1])))
-    return info if info.live(time.time() if now is None else now) else None
+    for attempt in range(ACQUIRE_ATTEMPTS):
+        gens = _generations(uri)
+        if not gens:
+            return None
+        try:
+            info = LeaseInfo.from_bytes(storage.read_bytes(_path(uri, gens[-1])))
+        except storage.NotFound:  # released between the listing and the read: look again
+            if attempt == ACQUIRE_ATTEMPTS - 1:
+                raise
+            continue
+        return info if info.live(time.time() if now is None else now) else None
+    raise AssertionError("unreachable")
 
 
 class Lease:
@@ -121,6 +131,16 @@ class Lease:
     # -- taking it ----------------------------------------------------------------------------
     def acquire(self) -> "Lease":
         """Take the lease, or raise LeaseHeld naming the live holder. Starts no thread (see `start_renewing`)."""
+        for attempt in range(ACQUIRE_ATTEMPTS):
+            try:
+                return self._acquire_once()
+            except storage.NotFound:
+                # the generation we had just listed was released (deleted) before we read it
+                if attempt == ACQUIRE_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _acquire_once(self) -> "Lease":
         now = self.clock()
         gens = _generations(self.uri)
         top = gens[-1] if gens else 0
@@ -150,18 +170,34 @@ class Lease:
 
     # -- keeping it ---------------------------------------------------------------------------
     def renew(self) -> None:
-        """Push the expiry forward; raise LeaseLost when another run took a later generation."""
+        """Push the expiry forward; raise LeaseLost when the lease lapsed or another run took it.
+
+        A lease that lapsed is never renewed, even when no later generation is there: the run that
+        took it over may have finished and released (deleted) it since.
+        """
         assert self.info is not None and self.gen is not None, "renew() before acquire()"
         if self.lost:
             raise LeaseLost(self.lost)
+        lapsed = f"the lease on {self.uri} lapsed at {_iso(self.info.expires_at)} before this run renewed it"
         newer = [g for g in _generations(self.uri) if g > self.gen]
         if newer:
-            taker = LeaseInfo.from_bytes(storage.read_bytes(_path(self.uri, newer[-1])))
-            self.lost = f"the lease on {self.uri} was taken over by run {taker.run_id} (this run's lease expired)"
+            try:
+                taker = f"run {LeaseInfo.from_bytes(storage.read_bytes(_path(self.uri, newer[-1]))).run_id}"
+            except storage.NotFound:  # that run already released it
+                taker = "another run"
+            self.lost = f"the lease on {self.uri} was taken over by {taker} (this run's lease expired)"
             raise LeaseLost(self.lost)
         now = self.clock()
-        self.info.renewed_at, self.info.expires_at = now, now + self.ttl_s
-        storage.write_bytes(_path(self.uri, self.gen), self.info.to_bytes())
+        if now > self.info.expires_at:
+            self.lost = lapsed
+            raise LeaseLost(self.lost)
+        # written first, kept only once stored: a failed write must not extend what `check` trusts
+        renewed = replace(self.info, renewed_at=now, expires_at=now + self.ttl_s)
+        storage.write_bytes(_path(self.uri, self.gen), renewed.to_bytes())
+        if self.clock() > self.info.expires_at:  # the write stalled past the expiry: too late
+            self.lost = lapsed
+            raise LeaseLost(self.lost)
+        self.info = renewed
 
     def check(self) -> None:
         """Raise LeaseLost when the renewing thread found the lease gone, or it lapsed unrenewed."""
@@ -187,16 +223,18 @@ class Lease:
 
     # -- giving it back -----------------------------------------------------------------------
     def release(self) -> None:
-        """Mark our generation released so the next run need not wait for the expiry."""
+        """Delete the lease (ours and the generations before it), so the next run need not wait."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
         if self.info is None or self.lost:
             return
         try:
-            if max(_generations(self.uri), default=0) == self.gen:
-                self.info.released = True
-                storage.write_bytes(_path(self.uri, self.gen), self.info.to_bytes())
+            gens = _generations(self.uri)
+            if gens and gens[-1] == self.gen:
+                # ours last: until it goes, readers still find it the live top generation
+                for g in gens:
+                    storage.delete_prefix(_path(self.uri, g))
         except OSError as e:  # the lease then expires by itself
             log.warning("releasing the lease on %s failed: %s", self.uri, e)
 

@@ -32,6 +32,7 @@ BLOCKS_PER_ACTOR = 8  # small runs: at least this many input blocks per model ac
 # (~1-30 MB) travels alone and reaches a model actor as soon as it is decoded, while rows without
 # frames (errors, text) travel in bulk: Ray's cost on the driver is per block, not per row.
 STAGE_BLOCK_BYTES = 1 << 20
+ACTOR_EXIT_TIMEOUT_S = 60.0  # most time to wait for a finished pipeline's model actors to be dead
 
 
 def samples_per_block(cfg: Config, num_samples: int) -> int:
@@ -141,6 +142,16 @@ class _Progress:
         )
 
 
+def probe_manifest(cfg: Config) -> None:
+    """Read the input's first rows (one id chunk, `manifest.ID_CHUNK`) and raise ManifestError if it
+    is missing, unreadable, or small and without usable rows: before a run takes the output's
+    lease, so bad input leaves nothing behind. Planning, under the lease, reads the whole input
+    once and finds the rest (e.g. a column missing from every row of a large JSONL)."""
+    from .manifest import ManifestReader
+
+    next(iter(ManifestReader(cfg.input)), None)
+
+
 def take_lease(cfg: Config, run_id: str) -> Lease:
     """This run's lease on the output (raises LeaseHeld naming a live holder); renewed until released."""
     lease = Lease(cfg.output.uri, run_id, cfg.output.lease_ttl_s).acquire()
@@ -157,6 +168,8 @@ def run_job(cfg: Config, overwrite: bool = False, plan: RunPlan | None = None, l
     """
     own_lease = lease is None
     if own_lease:
+        if plan is None:
+            probe_manifest(cfg)
         lease = take_lease(cfg, plan.run_id if plan else new_run_id())
     try:
         plan = plan or plan_run(cfg, overwrite=overwrite, run_id=lease.run_id)
@@ -195,22 +208,20 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     try:
         todo = plan
         while todo.num_pairs_pending:
+            may_restart = len(restarts) < cfg.runtime.max_pipeline_restarts
             try:
-                # batch_size=None: each block as it arrives; the sink groups rows into files
-                for table in build_dataset(cfg, todo, metrics).iter_batches(batch_size=None, batch_format="pyarrow"):
-                    sink.add(table)
-                    progress.update(sink)
+                lost = _drain(build_dataset(cfg, todo, metrics), sink, progress, may_restart)
+            finally:
+                _end_model_actors(metrics)
+            if lost is None:
                 break
-            except _lost_cluster_work() as e:
-                # Ray's own retries are spent (e.g. a node lost while its actor restarts elsewhere):
-                # keep what finished, ask the output what is still missing, and run that.
-                if len(restarts) >= cfg.runtime.max_pipeline_restarts:
-                    raise
-                restarts.append(f"{type(e).__name__}: {str(e)[:300]}")
-                log.warning("pipeline failed (%s); restart %d of %d on what is still missing",
-                            restarts[-1], len(restarts), cfg.runtime.max_pipeline_restarts)
-                sink.flush()
-                todo = plan_run(cfg, run_id=plan.run_id)
+            # Ray's own retries are spent (e.g. a node lost while its actor restarts elsewhere):
+            # keep what finished, ask the output what is still missing, and run that.
+            restarts.append(lost)
+            log.warning("pipeline failed (%s); restart %d of %d on what is still missing",
+                        lost, len(restarts), cfg.runtime.max_pipeline_restarts)
+            sink.flush()
+            todo = plan_run(cfg, run_id=plan.run_id)
         sink.close()
     except BaseException as e:
         try:
@@ -225,6 +236,72 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     actor_metrics = ray.get(metrics.get.remote())
     write_run_record(cfg, plan, "finished", result, {"actor_metrics": actor_metrics, "pipeline_restarts": restarts})
     return result
+
+
+def _drain(ds, sink: ResultSink, progress: _Progress, may_restart: bool) -> str | None:
+    """Stream the dataset's result blocks into the sink. Returns None when the stream is done, or
+    the lost-work error that ended it when the caller may restart (else that error is raised).
+
+    The error is returned as text, not kept: its traceback holds the aborted executor (and with
+    it block refs and actor handles), which must be freed before the next pipeline starts.
+    """
+    try:
+        # batch_size=None: each block as it arrives; the sink groups rows into files
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            sink.add(table)
+            progress.update(sink)
+    except _lost_cluster_work() as e:
+        if not may_restart:
+            raise
+        return f"{type(e).__name__}: {str(e)[:300]}"
+    return None
+
+
+def _end_model_actors(metrics: Any, timeout_s: float = ACTOR_EXIT_TIMEOUT_S) -> None:
+    """Kill the model actors of a pipeline that is over, and wait until Ray reports them dead.
+
+    Ray Data only drops its handles to them, and that is not enough after a lost node: Ray still
+    counts the lost node's actor alive until it detects the node's death (seconds after the
+    pipeline failed), then restarts it (max_restarts) on a surviving node, where it holds its
+    CPUs/GPUs while the next pipeline's actor and video tasks wait for them. On a cluster with
+    no room for both, that was seen to stall the next pipeline for half a minute and, in one run,
+    for good. Killed with no_restart, such an actor is dead for Ray at once and never restarted.
+    """
+    import gc
+
+    import ray
+    from ray.exceptions import ActorDiedError, GetTimeoutError
+
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    # An aborted Ray Data executor sits in reference cycles (exception -> traceback -> frames);
+    # collect them so its block refs and any actor it had not yet handed over are released now.
+    gc.collect()
+    try:
+        handles = ray.get(metrics.take_actors.remote(), timeout=timeout_s)
+    except ray.exceptions.RayError as e:  # logged, not raised: it must not hide the error that ended the pipeline
+        log.warning("could not list the model actors to end them (%s); the next pipeline may wait for their resources", e)
+        return
+    for h in handles:
+        ray.kill(h, no_restart=True)
+    for h in handles:
+        while True:
+            try:
+                ray.get(h.__ray_ready__.remote(), timeout=max(0.0, deadline - time.monotonic()))
+            except ActorDiedError:
+                break
+            except GetTimeoutError:
+                log.warning("model actor %s still not dead %.0f s after ray.kill; the next pipeline may wait for "
+                            "its resources", h, timeout_s)
+                return
+            except ray.exceptions.RayActorError:
+                pass  # unavailable (its node is going away): not yet known dead, ask again
+            if time.monotonic() > deadline:
+                log.warning("model actor %s still answering %.0f s after ray.kill", h, timeout_s)
+                return
+            time.sleep(0.1)
+    if handles:
+        log.info("ended %d model actor(s) in %.1f s", len(handles), time.monotonic() - t0)
 
 
 def _lost_cluster_work():

@@ -189,6 +189,8 @@ class ModelStage:
 
         from .models import load_model
 
+        if metrics_actor is not None:
+            _register_with_driver(metrics_actor)
         self.cfg = Config.model_validate_json(cfg_json)
         if self.cfg.model.device != "cuda":
             torch.set_num_threads(max(1, int(self.cfg.runtime.num_cpus_per_actor)))
@@ -397,15 +399,35 @@ def _maybe_inject_fault() -> None:
         os._exit(17)
 
 
+def _register_with_driver(metrics_actor: Any) -> None:
+    """Hand this actor's own handle to the run's collector, so the driver can end the actors of a
+    pipeline it gave up on (`pipeline._end_model_actors`). Before loading the model, and waited
+    for, so an actor that is up is always known. Ray's restart of this actor registers it again."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    ray.get(metrics_actor.register_actor.remote(ctx.get_actor_id(), ctx.current_actor))
+
+
 def metrics_collector_class():
     import ray
 
     @ray.remote(num_cpus=0)
     class MetricsCollector:
-        """Latest metrics snapshot of each model actor, for progress lines and the run record."""
+        """Latest metrics snapshot of each model actor, for progress lines and the run record;
+        and the handles of the model actors started since the driver last took them."""
 
         def __init__(self) -> None:
             self.by_actor: dict[str, dict] = {}
+            self.actors: dict[str, Any] = {}
+
+        def register_actor(self, ray_actor_id: str, handle: Any) -> None:
+            self.actors[ray_actor_id] = handle
+
+        def take_actors(self) -> list:
+            """The registered model actor handles, forgotten here (so they no longer keep the actors alive)."""
+            taken, self.actors = list(self.actors.values()), {}
+            return taken
 
         def record(self, actor_id: str, snapshot: dict) -> None:
             self.by_actor[actor_id] = snapshot
