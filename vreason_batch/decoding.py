@@ -303,7 +303,7 @@ def _units(requests: list[Request], video_token_id: int | None) -> list[list[Req
         groups.setdefault(r.video_key if r.video_key is not None else ("alone", i), []).append(r)
     units = []
     for g in groups.values():
-        if len(g) > 1 and _shared_prefix(g, video_token_id) is None:
+        if len(g) > 1 and not _shared_prefix(g, video_token_id):  # None, or nothing in common
             units.extend([r] for r in g)
         else:
             units.append(g)
