@@ -36,7 +36,7 @@ def run_reasoning_bench(args) -> dict[str, Any]:
 
     from .bench import _settings
     from .config import ModelConfig
-    from .decoding import EngineStats, decode_requests
+    from .decoding import EngineStats, Request, decode_requests
     from .models import BUILTIN_SMOLLM2, load_model
 
     if args.threads:
@@ -54,7 +54,7 @@ def run_reasoning_bench(args) -> dict[str, Any]:
         # rows in the order a static actor batch would take them: `slots` (sample, mode) rows at a time
         pairs = [(r, m) for r in reqs for m in r.modes]
         for i in range(0, len(pairs), slots):
-            chunk = [type(r)(r.key, r.inputs, (m,)) for r, m in pairs[i:i + slots]]
+            chunk = [Request(r.key, r.inputs, (m,)) for r, m in pairs[i:i + slots]]
             got, st = decode_requests(lm, chunk, s, slots)
             out.update(got)
             total.add(st)

@@ -1,8 +1,9 @@
 """The one decode loop: every mode in modes.py, batched over the KV cache, with per-row traces.
 
-Its shape follows gpt-fast's generate.py: `prefill` fills the cache with the prompt (all but its
-last token) and sets up the rows; `decode_one_token` advances every live row by one token;
-`DecodeState.retire` is the one place rows leave; `decode_batch` drives them.
+Its shape follows gpt-fast's generate.py: `Prefilled` fills the cache with the prompts (all but
+their last token) and starts rows from them; `decode_one_token` advances every live row by one
+token; `DecodeState.retire` is the one place rows leave; `decode_requests` drives them with
+continuous batching (`decode_batch` is its one-batch case).
 
 Every token, the model runs up to the input of its last layer; the last layer, final norm and
 lm_head for that token run in last_layer.py at float32 precision, where dV enters the attention
@@ -273,7 +274,6 @@ class EngineStats:
 
     vision_encodes: int = 0  # vision-tower passes (one per distinct video in a prefill)
     prefill_tokens: int = 0  # prompt tokens run through a prefill forward (padding excluded)
-    prefill_s: float = 0.0  # time spent in prefills, the modes' cache copies and Lite's pruning included
     decode_steps: int = 0  # decode_one_token calls
     busy_slot_steps: int = 0  # sum over steps of the live rows
     slot_steps: int = 0  # sum over steps of the slots
@@ -295,7 +295,24 @@ class EngineStats:
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
 
-def _units(requests: list[Request], video_token_id: int | None) -> list[list[Request]]:
+@dataclass(frozen=True)
+class PrefillUnit:
+    """Requests prefilled together: their first `prefix` prompt tokens once (one row, so one
+    vision-tower pass), then each request's own tokens after them."""
+
+    requests: list[Request]
+    prefix: int
+
+    @property
+    def rows(self) -> int:
+        return sum(len(r.modes) for r in self.requests)
+
+    @property
+    def has_video(self) -> bool:
+        return self.requests[0].inputs.pixel_values_videos is not None
+
+
+def _units(requests: list[Request], video_token_id: int | None) -> list[PrefillUnit]:
     """Requests that share a prefill: same video_key, with a shared prefix that holds the whole video
     (the vision tower needs all of a prompt's video tokens at once). Others go alone. Input order."""
     groups: dict[Any, list[Request]] = {}
@@ -303,10 +320,11 @@ def _units(requests: list[Request], video_token_id: int | None) -> list[list[Req
         groups.setdefault(r.video_key if r.video_key is not None else ("alone", i), []).append(r)
     units = []
     for g in groups.values():
-        if len(g) > 1 and not _shared_prefix(g, video_token_id):  # None, or nothing in common
-            units.extend([r] for r in g)
-        else:
-            units.append(g)
+        L = _shared_prefix(g, video_token_id)
+        if L:
+            units.append(PrefillUnit(g, L))
+        else:  # None, or nothing in common: each alone
+            units.extend(PrefillUnit([r], _shared_prefix([r], video_token_id)) for r in g)
     return units
 
 
@@ -329,7 +347,7 @@ def _shared_prefix(unit: list[Request], video_token_id: int | None) -> int | Non
     return L
 
 
-def _prefill(lm: LoadedModel, head: LastLayer, units: list[list[Request]], stats: EngineStats):
+def _prefill(lm: LoadedModel, head: LastLayer, units: list[PrefillUnit], stats: EngineStats):
     """Cache every request's prompt but its last token. Each unit's shared prefix (one row per unit,
     so one vision-tower pass per video) first, then each request's own suffix after it.
 
@@ -337,7 +355,7 @@ def _prefill(lm: LoadedModel, head: LastLayer, units: list[list[Request]], stats
     per request, in unit order. A suffix shorter than the longest is left-padded where it starts,
     so padding may sit between a prefix and its suffix: it is masked, as left padding is.
     """
-    reqs = [r for u in units for r in u]
+    reqs = [r for u in units for r in u.requests]
     lens = [len(r.inputs.input_ids) for r in reqs]
     if min(lens) < 2:
         raise ValueError("a prompt of one token: nothing to prefill")
@@ -346,28 +364,29 @@ def _prefill(lm: LoadedModel, head: LastLayer, units: list[list[Request]], stats
     T = full["input_ids"].shape[1]
     pos_full = lm.prompt_position_ids(full)  # [.., R, T] left-padded
     own_pos = [pos_full[..., i, T - n:] for i, n in enumerate(lens)]  # [.., n_i]
-    prefix = [_shared_prefix(u, lm.vision.video_token_id if lm.vision else None) for u in units]
+    prefix = [u.prefix for u in units]
 
     # 1. the units' prefixes: one row per unit
-    pre = collate(lm, [dataclasses.replace(u[0].inputs, input_ids=u[0].inputs.input_ids[:L]) for u, L in zip(units, prefix)])
+    heads = [u.requests[0].inputs for u in units]
+    pre = collate(lm, [dataclasses.replace(x, input_ids=x.input_ids[:L]) for x, L in zip(heads, prefix)])
     Lmax = pre["input_ids"].shape[1]
-    first = [sum(len(u) for u in units[:j]) for j in range(len(units))]  # each unit's first request
+    first = [sum(len(u.requests) for u in units[:j]) for j in range(len(units))]  # each unit's first request
     pre_pos = pos_full.new_zeros((*pos_full.shape[:-2], len(units), Lmax))
     for j, (i, L) in enumerate(zip(first, prefix)):
         pre_pos[..., j, Lmax - L:] = own_pos[i][..., :L]
     cache = lm.new_cache()
     hidden, cos, sin = lm.forward_to_last_layer(pre, pre_pos, cache)
     head.extend_cache(hidden, cos, sin, cache.layers[-1])
-    stats.vision_encodes += sum(u[0].inputs.pixel_values_videos is not None for u in units)
+    stats.vision_encodes += sum(u.has_video for u in units)
     stats.prefill_tokens += sum(prefix)
 
     # 2. one row per request: its unit's prefix, then its own tokens after it (but the last)
-    unit_of = torch.tensor([j for j, u in enumerate(units) for _ in u], device=lm.device)
+    unit_of = torch.tensor([j for j, u in enumerate(units) for _ in u.requests], device=lm.device)
     if len(reqs) > len(units):
         cache = _copy_cache(cache, [(layer.keys[unit_of], layer.values[unit_of]) for layer in cache.layers])
     pad_mask = pre["attention_mask"][unit_of]
     video = lm.video_mask(pre)[unit_of]
-    starts = [L for u, L in zip(units, prefix) for _ in u]
+    starts = [u.prefix for u in units for _ in u.requests]
     Ts = max(n - 1 - L for n, L in zip(lens, starts))
     if Ts > 0:
         ids = torch.full((len(reqs), Ts), lm.pad_token_id, dtype=torch.long, device=lm.device)
@@ -407,18 +426,16 @@ class Prefilled:
     todo: deque  # (request index, ModeSpec) not started yet, in order
 
     @classmethod
-    def of(cls, lm: LoadedModel, head: LastLayer, units: list[list[Request]], stats: EngineStats) -> "Prefilled":
+    def of(cls, lm: LoadedModel, head: LastLayer, units: list[PrefillUnit], stats: EngineStats) -> "Prefilled":
         t0 = time.perf_counter()
-        reqs = [r for u in units for r in u]
+        reqs = [r for u in units for r in u.requests]
         cache, pad_mask, video, next_ids, next_pos = _prefill(lm, head, units, stats)
         todo = deque((i, get_mode(m)) for i, r in enumerate(reqs) for m in r.modes)
-        stats.prefill_s += time.perf_counter() - t0
         return cls(reqs, cache, pad_mask, video, next_ids, next_pos, t0, todo)
 
-    def start_rows(self, n: int, head: LastLayer, settings: DecodeSettings, stats: EngineStats) -> DecodeState:
+    def start_rows(self, n: int, head: LastLayer, settings: DecodeSettings) -> DecodeState:
         """The next `n` (request, mode) pairs as rows: each its own copy of the request's cache (Lite
         prunes its copy) and, if its mode is controlled, its own controller."""
-        t0 = time.perf_counter()
         pairs = [self.todo.popleft() for _ in range(min(n, len(self.todo)))]
         dev = self.pad_mask.device
         states = []
@@ -447,20 +464,19 @@ class Prefilled:
             states.append(DecodeState(rows=rows, cache=sub, pad_mask=pm, next_ids=self.next_ids[t],
                                       next_pos=self.next_pos[..., t, :], policy=PolicyState.new(len(rows), device=dev),
                                       ctrl=ctrl, controlled=controlled))
-        stats.prefill_s += time.perf_counter() - t0
         return states[0] if len(states) == 1 else DecodeState.merge(*states)
 
 
-def _rows_for_modes(lm: LoadedModel, head: LastLayer, units: list[list[Request]], settings: DecodeSettings,
+def _rows_for_modes(lm: LoadedModel, head: LastLayer, units: list[PrefillUnit], settings: DecodeSettings,
                     stats: EngineStats) -> DecodeState:
     """Prefill `units` once and start every (request, mode) row from it."""
     pre = Prefilled.of(lm, head, units, stats)
-    return pre.start_rows(len(pre.todo), head, settings, stats)
+    return pre.start_rows(len(pre.todo), head, settings)
 
 
 def prefill(lm: LoadedModel, head: LastLayer, batch: list[ModelInputs], settings: DecodeSettings) -> DecodeState:
     """Cache every prompt token but the last (left-padded batch, one row per input in `settings.mode`)."""
-    units = [[Request(i, x, (settings.mode.name,))] for i, x in enumerate(batch)]
+    units = _units([Request(i, x, (settings.mode.name,)) for i, x in enumerate(batch)], None)
     return _rows_for_modes(lm, head, units, settings, EngineStats())
 
 
@@ -622,14 +638,11 @@ def _result(tokenizer, row: RowTrace) -> DecodeResult:
 def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, stats: EngineStats) -> Prefilled:
     """Prefill the next units from `pending` (at least one; more while they add up to fewer than
     `free` rows and are of the same kind, text or video, as the first)."""
-    def has_video(u):
-        return u[0].inputs.pixel_values_videos is not None
-
     units = [pending.popleft()]
-    rows = sum(len(r.modes) for r in units[0])
-    while pending and rows < free and has_video(pending[0]) == has_video(units[0]):
+    rows = units[0].rows
+    while pending and rows < free and pending[0].has_video == units[0].has_video:
         units.append(pending.popleft())
-        rows += sum(len(r.modes) for r in units[-1])
+        rows += units[-1].rows
     return Prefilled.of(lm, head, units, stats)
 
 
@@ -659,7 +672,7 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
             while free > 0 and (ready is not None or pending):
                 if ready is None:
                     ready = _admit(lm, head, pending, free, stats)
-                admit = ready.start_rows(free, head, settings, stats)
+                admit = ready.start_rows(free, head, settings)
                 if not ready.todo:
                     ready = None
                 live = admit if live is None else DecodeState.merge(live, admit)
