@@ -10,7 +10,7 @@ import numpy as np
 @functools.lru_cache(maxsize=None)
 def tiny_lm():
     from vreason_batch.config import ModelConfig
-    from vreason_batch.models import load_model
+    from vreason_batch.engine.models import load_model
 
     return load_model(ModelConfig())
 
@@ -21,7 +21,7 @@ def random_frames(seed: int, t: int, h: int, w: int) -> np.ndarray:
 
 def video_inputs(seed: int = 0, t: int = 4, h: int = 112, w: int = 112, question: str = "What colour is the car?"):
     """A small video prompt; different (t, h, w) give different numbers of video tokens."""
-    from vreason_batch.prompting import build_video_inputs
+    from vreason_batch.engine.prompting import build_video_inputs
 
     lm = tiny_lm()
     return build_video_inputs(
@@ -33,7 +33,7 @@ def video_inputs(seed: int = 0, t: int = 4, h: int = 112, w: int = 112, question
 def decode_settings(mode: str, max_new_tokens: int, stop_strings=(), prune_ratio: float = 0.5, **controller):
     """DecodeSettings the way the pipeline builds them, from config sections (defaults from config.py)."""
     from vreason_batch.config import ControllerConfig, DecodingConfig, LiteConfig
-    from vreason_batch.decoding import DecodeSettings
+    from vreason_batch.engine.decoding import DecodeSettings
 
     return DecodeSettings.build(
         mode, DecodingConfig(max_new_tokens=max_new_tokens, stop_strings=list(stop_strings)),

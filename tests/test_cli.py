@@ -12,8 +12,8 @@ import yaml
 from vreason_batch import cli
 from vreason_batch.cli import EXIT_USAGE, main
 from vreason_batch.config import config_from_dict
-from vreason_batch.results import write_shard
-from vreason_batch.schema import SCHEMA_VERSION, empty_row, rows_to_table
+from vreason_batch.job.results import write_shard
+from vreason_batch.io.schema import SCHEMA_VERSION, empty_row, rows_to_table
 
 
 @pytest.fixture(autouse=True)
@@ -27,7 +27,7 @@ def no_ray(monkeypatch):
         raise AssertionError("the CLI started Ray work where it should not have")
 
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setattr("vreason_batch.pipeline.init_ray", refuse)
+    monkeypatch.setattr("vreason_batch.job.pipeline.init_ray", refuse)
     yield
     assert not ray.is_initialized()
 

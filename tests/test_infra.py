@@ -510,7 +510,7 @@ def _dashboard_exprs() -> list[str]:
 
 
 def test_prometheus_names_follow_rays_mangling():
-    from vreason_batch.metrics import DECODE_SECONDS, ROWS, prometheus_names
+    from vreason_batch.job.metrics import DECODE_SECONDS, ROWS, prometheus_names
 
     # Ray's metrics agent exports in namespace "ray"; OpenTelemetry counters end in _total
     assert prometheus_names(ROWS) == ("ray_vreason_batch_rows_total",)
@@ -521,7 +521,7 @@ def test_prometheus_names_follow_rays_mangling():
 
 
 def test_dashboard_queries_only_metrics_and_labels_the_code_records():
-    from vreason_batch.metrics import METRICS, ROW_STATUSES, prometheus_names
+    from vreason_batch.job.metrics import METRICS, ROW_STATUSES, prometheus_names
 
     series = {name: m for m in METRICS for name in prometheus_names(m)}
     exprs = _dashboard_exprs()
@@ -544,7 +544,7 @@ def test_dashboard_queries_only_metrics_and_labels_the_code_records():
 
 
 def test_metric_names_are_valid_and_documented():
-    from vreason_batch.metrics import METRICS
+    from vreason_batch.job.metrics import METRICS
 
     readme = (ROOT / "README.md").read_text()
     for m in METRICS:

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from vreason_batch.schema import OUTPUT_SCHEMA, SCHEMA_VERSION
+from vreason_batch.io.schema import OUTPUT_SCHEMA, SCHEMA_VERSION
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 

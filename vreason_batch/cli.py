@@ -100,15 +100,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .config import load_config
+    from vreason_batch.config import load_config
 
     return load_config(args.config, args.overrides)
 
 
 def cmd_run(args) -> int:
-    from .lease import LeaseHeld, current_holder
-    from .manifest import ManifestError
-    from .pipeline import new_run_id, plan_run, probe_manifest, run_job, take_lease
+    from vreason_batch.job.lease import LeaseHeld, current_holder
+    from vreason_batch.io.manifest import ManifestError
+    from vreason_batch.job.pipeline import new_run_id, plan_run, probe_manifest, run_job, take_lease
 
     cfg = _load(args)
     if args.dry_run:
@@ -162,9 +162,9 @@ def cmd_validate(args) -> int:
 def cmd_sweep(args) -> int:
     import yaml
 
-    from .config import ConfigError
-    from .manifest import ManifestError
-    from .sweep import comparison_runs, plan_sweep, run_sweep
+    from vreason_batch.config import ConfigError
+    from vreason_batch.io.manifest import ManifestError
+    from vreason_batch.job.sweep import comparison_runs, plan_sweep, run_sweep
 
     try:
         with open(args.config) as f:
@@ -182,7 +182,7 @@ def cmd_sweep(args) -> int:
             raise ConfigError(f"--only {unknown}: no such cell; cells: {[c.name for c in cells]}")
     try:
         if args.dry_run:
-            from .pipeline import plan_run
+            from vreason_batch.job.pipeline import plan_run
 
             for c in cells:
                 plan = plan_run(c.config, overwrite=args.overwrite, dry_run=True)
@@ -196,8 +196,8 @@ def cmd_sweep(args) -> int:
         return EXIT_USAGE
     print(f"[vreason-batch] sweep done: {json.dumps(status)}", flush=True)
     if not args.no_report:
-        from . import storage
-        from .report import write_comparison
+        from vreason_batch.io import storage
+        from vreason_batch.evaluation.report import write_comparison
 
         out = args.report or storage.join(base.output.uri, "_report")
         write_comparison(comparison_runs(cells), out)
@@ -206,8 +206,8 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import NoResults, write_comparison, write_report
-    from .report.compare import run_labels
+    from vreason_batch.evaluation.report import NoResults, write_comparison, write_report
+    from vreason_batch.evaluation.report.compare import run_labels
 
     try:
         if len(args.output_uri) == 1 and not args.label:
@@ -229,26 +229,26 @@ def cmd_report(args) -> int:
 
 def cmd_bench(args) -> int:
     if args.workload == "pipeline":
-        from .bench_pipeline import run_pipeline_bench
+        from vreason_batch.bench.pipeline import run_pipeline_bench
 
         figures = run_pipeline_bench(args)
     elif args.workload == "plan":
-        from .bench_pipeline import run_plan_bench
+        from vreason_batch.bench.pipeline import run_plan_bench
 
         figures = run_plan_bench(args)
     elif args.workload == "reasoning":
-        from .bench_reasoning import run_reasoning_bench
+        from vreason_batch.bench.reasoning import run_reasoning_bench
 
         args.modes = args.modes or "vreason"
         figures = run_reasoning_bench(args)
     elif args.workload == "prefill":
-        from .bench_reasoning import run_prefill_bench
+        from vreason_batch.bench.reasoning import run_prefill_bench
 
         args.modes = args.modes or "greedy,vreason,vreason_lite"
         args.model = args.model or "builtin:tiny-qwen2.5-vl"
         figures = run_prefill_bench(args)
     else:
-        from .bench import run_bench
+        from vreason_batch.bench.decode import run_bench
 
         figures = run_bench(args)
     if args.json:
@@ -257,7 +257,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_demo_manifest(args) -> int:
-    from .demo import write_demo_manifest
+    from vreason_batch.io.demo import write_demo_manifest
 
     n = write_demo_manifest(args.out)
     print(f"[vreason-batch] wrote {n} demo samples to {args.out}")
@@ -265,7 +265,7 @@ def cmd_demo_manifest(args) -> int:
 
 
 def cmd_reasoning_manifest(args) -> int:
-    from .reasoning_set import make_reasoning_set, write_manifest
+    from vreason_batch.bench.reasoning_set import make_reasoning_set, write_manifest
 
     rows = make_reasoning_set(args.n, args.seed)
     write_manifest(args.out, rows)
@@ -274,7 +274,7 @@ def cmd_reasoning_manifest(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
+    from vreason_batch.config import ConfigError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .modes import MODE_NAMES  # the decoding modes' one registry
+from vreason_batch.engine.modes import MODE_NAMES  # the decoding modes' one registry
 
 Mode = Literal[MODE_NAMES]  # type: ignore[valid-type]
 Rule = Literal["switch", "always_min", "always_max"]

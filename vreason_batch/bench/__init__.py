@@ -1,0 +1,1 @@
+"""Benchmarks (`vreason-batch bench`) and the reasoning data set they generate."""

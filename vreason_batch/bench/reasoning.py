@@ -1,0 +1,170 @@
+"""`vreason-batch bench --workload reasoning | prefill`: what continuous batching and shared prefills buy.
+
+reasoning: SmolLM2 (real weights) on the generated reasoning set, answers of mixed length (up to
+`--new-tokens`, stopping at EOS), decoded twice at the same slot count: static batches of `--slots`
+rows, each running until its longest row ends (what the model actor did before), and continuous
+batching over the same slots (`decode_requests`). tokens/s = output tokens / wall time, prefills
+included; occupancy = busy slot-steps / all slot-steps (and the same before the drain, the steps
+after the last row was admitted, where slots free up with nothing left to fill them). Both runs decode the same rows, so their
+outputs are compared too (float32: identical).
+
+prefill: annotation work, several questions on each of a few videos, in several modes. Separate:
+one prefill per (sample, mode), as before (every row runs the vision tower and its whole prompt).
+Shared: one vision pass and one system + video prefix per video, each question's suffix after it,
+the cache copied per mode. Prefill time, vision passes and prefill tokens of each.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+
+def _reasoning_requests(lm, n: int, modes: tuple[str, ...]):
+    from vreason_batch.engine.decoding import Request
+    from vreason_batch.engine.prompting import build_text_inputs
+    from vreason_batch.bench.reasoning_set import make_reasoning_set
+
+    rows = make_reasoning_set(n)
+    return [Request(r["id"], build_text_inputs(lm.tokenizer, r["question"], r.get("options"), r["problem_type"],
+                                               "reasoning"), modes) for r in rows]
+
+
+def run_reasoning_bench(args) -> dict[str, Any]:
+    import torch
+
+    from vreason_batch.bench.decode import _settings
+    from vreason_batch.config import ModelConfig
+    from vreason_batch.engine.decoding import EngineStats, Request, decode_requests
+    from vreason_batch.engine.models import BUILTIN_SMOLLM2, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_new, slots, n_prompts = args.new_tokens or 256, args.slots, args.prompts or 48
+    modes = tuple(args.modes.split(","))
+    lm = load_model(ModelConfig(name_or_path=args.model or BUILTIN_SMOLLM2, device=args.device, dtype=args.dtype))
+    reqs = _reasoning_requests(lm, n_prompts, modes)
+    s = _settings(modes[0], n_new, update_every=2)
+    print(f"model: {lm.name}  {lm.device} {lm.dtype}  threads {torch.get_num_threads()}; {len(reqs)} prompts x "
+          f"{','.join(modes)}, up to {n_new} new tokens (EOS stops), {slots} slots, {args.repeats} repeats")
+
+    def static():
+        out, total = {}, EngineStats()
+        # rows in the order a static actor batch would take them: `slots` (sample, mode) rows at a time
+        pairs = [(r, m) for r in reqs for m in r.modes]
+        for i in range(0, len(pairs), slots):
+            chunk = [Request(r.key, r.inputs, (m,)) for r, m in pairs[i:i + slots]]
+            got, st = decode_requests(lm, chunk, s, slots)
+            out.update(got)
+            total.add(st)
+        return out, total
+
+    def continuous():
+        return decode_requests(lm, reqs, s, slots)
+
+    figures: dict[str, Any] = {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+                               "prompts": len(reqs), "modes": list(modes), "max_new_tokens": n_new, "slots": slots}
+    walls: dict[str, list[float]] = {"static": [], "continuous": []}
+    results = {}
+    for rep in range(args.repeats):
+        for name, fn in (("static", static), ("continuous", continuous)):  # interleaved: the machine's load hits both
+            t = time.perf_counter()
+            out, st = fn()
+            walls[name].append(time.perf_counter() - t)
+            results[name] = (out, st)
+            print(f"  repeat {rep + 1} {name:<10} {st.output_tokens / walls[name][-1]:8.1f} tokens/s  "
+                  f"occupancy {st.occupancy:.3f}  steps {st.decode_steps}  wall {walls[name][-1]:.1f} s", flush=True)
+    for name in walls:
+        out, st = results[name]
+        figures[f"{name}_tokens_per_s"] = round(st.output_tokens / statistics.median(walls[name]), 2)
+        figures[f"{name}_tokens_per_s_runs"] = [round(st.output_tokens / w, 2) for w in walls[name]]
+        figures[f"{name}_slot_occupancy"] = round(st.occupancy, 4)
+        figures[f"{name}_slot_occupancy_while_queued"] = round(st.occupancy_while_queued, 4)
+        figures[f"{name}_decode_steps"] = st.decode_steps
+        figures[f"{name}_drain_steps"] = st.decode_steps - st.queued_slot_steps // slots  # after the last admission
+        figures["output_tokens"] = st.output_tokens
+    s_out, c_out = results["static"][0], results["continuous"][0]
+    figures["identical_outputs"] = sum(s_out[k].token_ids == c_out[k].token_ids for k in s_out)
+    figures["rows"] = len(s_out)
+    lengths = sorted(r.num_output_tokens for r in c_out.values())
+    figures["answer_tokens_min_median_max"] = [lengths[0], lengths[len(lengths) // 2], lengths[-1]]
+    figures["continuous_vs_static"] = round(figures["continuous_tokens_per_s"] / figures["static_tokens_per_s"], 3)
+    print(f"  static {figures['static_tokens_per_s']} tokens/s (occupancy {figures['static_slot_occupancy']}), "
+          f"continuous {figures['continuous_tokens_per_s']} tokens/s (occupancy {figures['continuous_slot_occupancy']}, "
+          f"{figures['continuous_slot_occupancy_while_queued']} while rows waited): "
+          f"{figures['continuous_vs_static']}x; answers {figures['answer_tokens_min_median_max']} tokens (min/median/max); "
+          f"{figures['identical_outputs']}/{figures['rows']} outputs identical")
+    return figures
+
+
+def run_prefill_bench(args) -> dict[str, Any]:
+    """Annotation prefill: `--videos` videos x `--questions` questions x the modes, separate vs shared."""
+    import numpy as np
+    import torch
+
+    from vreason_batch.bench.decode import _load, _settings
+    from vreason_batch.engine.decoding import EngineStats, Request, _rows_for_modes, _units
+    from vreason_batch.engine.last_layer import LastLayer
+    from vreason_batch.engine.prompting import build_video_inputs
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    lm = _load(args)
+    if not lm.is_vl:
+        raise SystemExit("--workload prefill needs a video model (e.g. builtin:tiny-qwen2.5-vl or --arch)")
+    modes = tuple(args.modes.split(","))
+    questions = ["What happens in the video?", "How many people appear, and what are they doing?",
+                 "Is the scene indoors or outdoors? Explain briefly.", "What colour is the largest object?"]
+    questions = (questions * (args.questions // len(questions) + 1))[: args.questions]
+    reqs = []
+    for v in range(args.videos):
+        frames = np.random.default_rng(v).integers(0, 255, (args.frames, 336, 448, 3), dtype=np.uint8)
+        for q, text in enumerate(questions):
+            x = build_video_inputs(lm.tokenizer, lm.vision, frames, 2.0, text, None, "free_form", "reasoning",
+                                   min_pixels=min(args.max_pixels, 128 * 28 * 28), max_pixels=args.max_pixels)
+            reqs.append(Request(f"v{v}-q{q}", x, modes, f"video-{v}"))
+    head = LastLayer(lm.last_layer_parts())
+    s = _settings(modes[0], 1)
+    vid = lm.vision.video_token_id
+
+    def separate():  # before: every (sample, mode) row prefilled on its own, `--slots` rows per batch
+        st = EngineStats()
+        rows = [Request(r.key, r.inputs, (m,)) for r in reqs for m in r.modes]
+        for i in range(0, len(rows), args.slots):
+            _rows_for_modes(lm, head, _units(rows[i:i + args.slots], vid), s, st)
+        return st
+
+    def shared():  # now: one unit per video (its questions share the prefix), modes share the prefill
+        st = EngineStats()
+        for unit in _units(reqs, vid):
+            _rows_for_modes(lm, head, [unit], s, st)
+        return st
+
+    figures: dict[str, Any] = {"model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "videos": args.videos,
+                               "questions_per_video": args.questions, "modes": list(modes),
+                               "video_tokens": reqs[0].inputs.num_video_tokens,
+                               "prompt_tokens": [len(r.inputs.input_ids) for r in reqs[: args.questions]]}
+    print(f"model: {lm.name} {lm.dtype}; {args.videos} videos x {args.questions} questions x {len(modes)} modes; "
+          f"{figures['video_tokens']} video tokens per prompt; median of {args.repeats}")
+    with torch.no_grad():
+        for name, fn in (("separate", separate), ("shared", shared)):
+            fn()  # warm-up
+        times: dict[str, list[float]] = {"separate": [], "shared": []}
+        stats = {}
+        for _ in range(args.repeats):
+            for name, fn in (("separate", separate), ("shared", shared)):
+                t = time.perf_counter()
+                stats[name] = fn()
+                times[name].append(time.perf_counter() - t)
+    for name in times:
+        st = stats[name]
+        figures[f"{name}_prefill_s"] = round(statistics.median(times[name]), 4)
+        figures[f"{name}_prefill_s_runs"] = [round(t, 4) for t in times[name]]
+        figures[f"{name}_vision_encodes"] = st.vision_encodes
+        figures[f"{name}_prefill_tokens"] = st.prefill_tokens
+        print(f"  {name:<9} prefill {figures[f'{name}_prefill_s']:.3f} s  vision passes {st.vision_encodes}  "
+              f"prefill tokens {st.prefill_tokens}")
+    figures["prefill_speedup"] = round(figures["separate_prefill_s"] / figures["shared_prefill_s"], 2)
+    print(f"  shared prefill is {figures['prefill_speedup']}x faster")
+    return figures

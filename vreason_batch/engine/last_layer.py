@@ -1,0 +1,176 @@
+"""The last decoder layer for the current token, at float32 precision, with dV in its value path.
+
+Why this exists: V-Reason's controller dV lives in the last layer's values and its effect on the
+logits is small by design. In a bfloat16 model, writing `base + dV` into the cache rounds it to
+bf16 (dV moves in bf16-sized jumps, or not at all), and every later bf16 tensor (attention output,
+residual stream, logits) rounds the effect again. So for the current token every mode computes:
+
+    K, V (cache), q        model dtype, exactly as the model computes them
+    P = softmax(q K^T)     fp32                                              [b, H, 1, S]
+    attn = P V + P[pos] dV fp32 (dV is never written into the cache)          [b, H, 1, d]
+    o_proj, residual, post-norm, gated MLP, residual, final norm, lm_head: fp32 activations
+
+The weights stay in the model's dtype and are never copied whole: `linear32` multiplies fp32
+activations by low-precision weights with fp32 accumulation and fp32 output (on CUDA one bf16
+GEMM with fp32 output over a hi/lo split of the activations; elsewhere the weight is upcast in
+chunks of rows). Memory above greedy is the controller state plus chunk-sized temporaries.
+
+All modes share this path, so `lr = 0` equals greedy token for token in every dtype. Only the
+last layer of the CURRENT token runs here: prefill runs it for keys and values alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from vreason_batch.engine.models import LastLayerParts
+
+log = logging.getLogger(__name__)
+
+# Rows of a weight upcast at once on the chunked path: 16M elements (64 MB in fp32) at most.
+_CHUNK_ELEMENTS = 1 << 24
+_cuda_out_dtype: bool | None = None  # whether torch.mm(..., out_dtype=float32) works here
+
+
+def hi_lo_gemm(x: torch.Tensor, w: torch.Tensor, gemm) -> torch.Tensor:
+    """x [M, K] fp32 @ w [K, N] (bf16/fp16) via one low-precision GEMM with fp32 output.
+
+    x is split into hi + lo in w's dtype (hi = round(x), lo = round(x - hi)), which keeps about 16
+    of fp32's 24 mantissa bits; both halves go through the same GEMM, so the weight is read once.
+    gemm(a [2M, K], w) -> fp32 [2M, N].
+    """
+    hi = x.to(w.dtype)
+    lo = (x - hi.float()).to(w.dtype)
+    out = gemm(torch.cat([hi, lo]), w)
+    return out[: x.shape[0]] + out[x.shape[0]:]
+
+
+def _cuda_gemm_out32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.mm(a, w, out_dtype=torch.float32)
+
+
+def _mm_out32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """The CUDA fast path of `_matmul32`, or None where it is not available."""
+    global _cuda_out_dtype
+    if x.device.type != "cuda" or _cuda_out_dtype is False:
+        return None
+    try:
+        out = hi_lo_gemm(x, w, _cuda_gemm_out32)
+    except (RuntimeError, TypeError) as e:  # an older torch / GPU without the fp32-output GEMM
+        log.warning("fp32-output GEMM unavailable (%s); upcasting weights in chunks instead", e)
+        _cuda_out_dtype = False
+        return None
+    _cuda_out_dtype = True
+    return out
+
+
+def _matmul32(x: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """fp32 x [M, K] times w^T (transpose, w [N, K]) or w (w [K, N]); w may be low precision."""
+    wt = w.t() if transpose else w  # [K, N] view
+    fast = _mm_out32(x, wt)
+    if fast is not None:
+        return fast
+    # chunks along w's first dimension, whose rows are contiguous
+    rows = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
+    if transpose:  # output columns = w's rows
+        return torch.cat([x @ w[i:i + rows].float().t() for i in range(0, w.shape[0], rows)], dim=-1)
+    out = None  # contraction over w's rows: sum partial products
+    for i in range(0, w.shape[0], rows):
+        part = x[:, i:i + rows] @ w[i:i + rows].float()
+        out = part if out is None else out + part
+    return out
+
+
+class _Linear32(torch.autograd.Function):
+    """y = x W^T + b for fp32 x and a low-precision W, fp32 out; the gradient flows to x only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)  # a reference to the module's weight, not a copy
+        y = _matmul32(x.reshape(-1, x.shape[-1]), weight, transpose=True)
+        if bias is not None:
+            y = y + bias.float()
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        gx = _matmul32(grad.reshape(-1, grad.shape[-1]).float(), weight, transpose=False)
+        return gx.reshape(*grad.shape[:-1], weight.shape[1]), None, None
+
+
+def linear32(x: torch.Tensor, module) -> torch.Tensor:
+    """An nn.Linear applied to fp32 activations with fp32 output, whatever the weight's dtype."""
+    w, b = module.weight, module.bias
+    if w.dtype == torch.float32:
+        return torch.nn.functional.linear(x, w, b)
+    return _Linear32.apply(x, w.detach(), None if b is None else b.detach())
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [b, heads, T, d]; cos/sin [b, T, d] (Qwen2.5-VL's mrope sections are already merged into them)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class Attention:
+    """The last layer's attention for the current token: what the logits need, independent of dV."""
+
+    hidden_in: torch.Tensor  # [b, 1, D] the layer's input (residual stream), model dtype
+    probs: torch.Tensor  # [b, H, 1, S] fp32
+    base: torch.Tensor  # [b, H, 1, d] fp32: P @ V over the cache as stored (no dV)
+
+
+class LastLayer:
+    """The last decoder layer + final norm + lm_head, as described in the module docstring."""
+
+    def __init__(self, parts: LastLayerParts) -> None:
+        self.p = parts
+
+    def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, heads, self.p.head_dim).transpose(1, 2)  # [b, heads, T, d]
+
+    def extend_cache(self, hidden: torch.Tensor, cos, sin, cache_layer) -> torch.Tensor:
+        """Append the keys/values of all T input positions to the cache; return the last position's query.
+
+        hidden: [b, T, D] the layer's input. Returns q [b, H, 1, d] (model dtype, rotated).
+        """
+        p = self.p
+        h = p.input_norm(hidden)
+        k = _rope(self._split(p.k_proj(h), p.num_kv_heads), cos, sin)
+        v = self._split(p.v_proj(h), p.num_kv_heads)
+        cache_layer.update(k, v)
+        return _rope(self._split(p.q_proj(h[:, -1:]), p.num_heads), cos[:, -1:], sin[:, -1:])
+
+    def attend(self, hidden: torch.Tensor, q: torch.Tensor, cache_layer, pad_mask: torch.Tensor) -> Attention:
+        """q [b, H, 1, d] against the whole cache; pad_mask [b, S] (1 = a real token)."""
+        keys, values = cache_layer.keys, cache_layer.values  # [b, kv, S, d]
+        b, H, _, d = q.shape
+        kv = keys.shape[1]
+        qg = q.float().reshape(b, kv, H // kv, d)  # heads grouped by the kv head they read
+        scores = (qg @ keys.float().transpose(-1, -2)) * self.p.scaling  # [b, kv, groups, S]
+        scores = scores.masked_fill(~pad_mask.bool()[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        base = probs @ values.float()  # [b, kv, groups, d]
+        return Attention(hidden_in=hidden[:, -1:], probs=probs.reshape(b, H, 1, -1), base=base.reshape(b, H, 1, d))
+
+    def logits(self, att: Attention, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 logits [b, V] from the attention output (+ dV's share `delta` [b, H, 1, d])."""
+        p = self.p
+        out = att.base if delta is None else att.base + delta
+        b = out.shape[0]
+        out = out.transpose(1, 2).reshape(b, 1, p.num_heads * p.head_dim)  # [b, 1, H*d]
+        x = att.hidden_in.float() + linear32(out, p.o_proj)  # residual stream, fp32
+        h = p.post_norm(x)  # HF RMSNorm keeps an fp32 input in fp32
+        x = x + linear32(p.act_fn(linear32(h, p.gate_proj)) * linear32(h, p.up_proj), p.down_proj)
+        return linear32(p.final_norm(x), p.lm_head)[:, -1, :]

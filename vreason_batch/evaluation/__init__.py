@@ -1,0 +1,1 @@
+"""Scoring answers against ground truth, and reports over a run's results."""

@@ -1,0 +1,438 @@
+"""The stages of the job, run in Ray workers: plain functions and one actor class, testable without Ray.
+
+block of samples (the plan keeps each video's samples in one block) -> `video_stage` (CPU tasks:
+each distinct video decoded once, its frames sampled and resized; one stage row per video,
+carrying its frames once and the list of its samples with their pending modes) -> `ModelStage`
+(GPU actors: one request per sample with all its modes, one engine call per actor call; one
+output row per (sample, mode) in OUTPUT_SCHEMA, a result or an error row).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from vreason_batch.config import Config, VideoConfig
+from vreason_batch.job.metrics import ActorMetrics
+from vreason_batch.io.schema import SCHEMA_VERSION, empty_row, rows_to_table
+
+log = logging.getLogger(__name__)
+
+FAULT_ENV = "VREASON_BATCH_FAULT_ONCE"  # tests: path of a marker; a model actor dies once
+# A sample's fields in a stage row (the plan's columns less the video, which the row holds once)
+SAMPLE_FIELDS = ("sample_id", "question", "dataset", "options", "answer_gt", "problem_type", "error_type", "error",
+                 "modes")
+# The engine's counts a model actor adds up and reports (EngineStats fields), besides video_decodes
+ENGINE_COUNTS = ("vision_encodes", "prefill_tokens", "decode_steps", "busy_slot_steps", "slot_steps")
+
+
+def model_needs_video(cfg: Config) -> bool:
+    """Whether the model reads frames: text-only inputs and text models skip the video stage's work."""
+    from vreason_batch.engine.models import BUILTIN_SMOLLM2
+
+    name = cfg.model.name_or_path
+    return not (cfg.input.text_only or name.endswith(".gguf") or name == BUILTIN_SMOLLM2)
+
+
+def model_batch_rows(cfg: Config, num_samples: int, num_videos: int) -> int:
+    """Stage rows per model-actor call (Ray Data's batch_size) for about runtime.batch_size samples a call.
+
+    A stage row holds one video's samples (at most batch_size of them); with m samples a video on
+    average (the plan counts them), batch_size / m rows hold about batch_size samples.
+    """
+    bs = cfg.runtime.batch_size
+    if not model_needs_video(cfg) or not num_videos:
+        return bs  # one sample a row
+    per_row = min(float(bs), num_samples / num_videos)
+    return max(1, round(bs / per_row))
+
+
+def video_groups(samples: list[dict], needs_video: bool) -> list[list[dict]]:
+    """The samples of a block grouped by video, videos in order of their first sample.
+
+    Samples without a video (text questions), or all samples when the model reads no frames,
+    share nothing: a group of one each.
+    """
+    groups: list[list[dict]] = []
+    by_video: dict[str, list[dict]] = {}
+    for s in samples:
+        v = s.get("video")
+        if needs_video and v:
+            if v not in by_video:
+                by_video[v] = []
+                groups.append(by_video[v])
+            by_video[v].append(s)
+        else:
+            groups.append([s])
+    return groups
+
+
+def load_video(video: str, vc: VideoConfig) -> dict[str, Any]:
+    """Decode, sample and resize one video's frames (CPU): a stage row's video fields, or its error."""
+    import torch
+
+    from vreason_batch.engine.prompting import resize_frames, smart_resize
+    from vreason_batch.io.video import VideoError, load_clip
+
+    try:
+        clip = load_clip(video, vc)
+        # resize here, on the CPU workers, so model actors get frames ready to patchify;
+        # 28 = patch 14 x merge 2, shared by every Qwen2-VL / Qwen2.5-VL checkpoint
+        h, w = smart_resize(clip.frame_height, clip.frame_width, 28, vc.min_pixels, vc.max_pixels)
+        frames = resize_frames(clip.frames, h, w).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    except VideoError as e:
+        return {"error_type": e.error_type, "error": str(e)}
+    except ValueError as e:  # e.g. smart_resize on an absurd aspect ratio
+        return {"error_type": "video_unreadable", "error": f"{video}: {e}"}
+    return dict(frames=frames.tobytes(), frames_shape=list(frames.shape), **clip.row_fields())  # frames [T, H, W, 3] uint8
+
+
+def video_rows(group: list[dict], vc: VideoConfig, needs_video: bool, max_samples_per_row: int) -> list[dict]:
+    """One video's samples (plan rows) -> its stage rows: the video decoded once (unless no sample
+    can use it), its frames in each row, at most `max_samples_per_row` samples a row.
+
+    A video with more samples than that is carried in several rows (frames repeated once per
+    `max_samples_per_row` samples), so one model-actor call stays about runtime.batch_size samples.
+    `video_decodes` is 1 on the first row of a decoded video (failed decodes included), else 0.
+    """
+    video = group[0].get("video")
+    row: dict[str, Any] = dict(
+        video=video, error_type=None, error=None, frames=b"", frames_shape=[], frame_indices=[], video_fps=None,
+        sampled_fps=None, video_duration_s=None, media_type=None if needs_video else "text", video_decodes=0,
+    )
+    if needs_video and any(not s.get("error_type") for s in group):
+        row.update(load_video(video, vc), video_decodes=1)
+    samples = [{k: s.get(k) for k in SAMPLE_FIELDS} for s in group]
+    n = max_samples_per_row
+    return [{**row, "samples": samples[i:i + n], "video_decodes": row["video_decodes"] if i == 0 else 0}
+            for i in range(0, len(samples), n)]
+
+
+def stage_schema():
+    """The Arrow schema of rows between the video stage and the model actors: one video (its frames
+    once, or its error) and the samples asking about it. Internal; not a user contract."""
+    import pyarrow as pa
+
+    text, ints, num, texts = pa.string(), pa.list_(pa.int64()), pa.float64(), pa.list_(pa.string())
+    sample = pa.struct([(f, texts if f in ("options", "modes") else text) for f in SAMPLE_FIELDS])
+    return pa.schema([
+        ("video", text), ("error_type", text), ("error", text),  # the video's error: every sample of the row gets it
+        ("frames", pa.binary()), ("frames_shape", ints), ("frame_indices", ints), ("video_fps", num),
+        ("sampled_fps", num), ("video_duration_s", num), ("media_type", text), ("video_decodes", pa.int64()),
+        ("samples", pa.list_(sample)),
+    ])
+
+
+def video_stage(block, video_cfg: dict, needs_video: bool, max_samples_per_row: int):
+    """A block of pending samples (plan_schema) -> stage rows: each distinct video decoded once.
+
+    A generator over the whole block: each video's rows are yielded as soon as it is decoded, so
+    model actors start while the task goes on; rows without frames (errors, text questions) are
+    small and go on together at the end, so a block of missing videos costs Ray one output block,
+    not one per sample. What is yielded depends only on the block's content, as Ray's replay of a
+    retried generator task requires.
+    """
+    import pyarrow as pa
+
+    schema = stage_schema()
+    vc = VideoConfig(**video_cfg)
+    light: list[dict] = []
+    for group in video_groups(block.to_pylist(), needs_video):
+        rows = video_rows(group, vc, needs_video, max_samples_per_row)
+        if rows[0]["frames_shape"]:
+            yield pa.Table.from_pylist(rows, schema=schema)
+        else:
+            light.extend(rows)
+    if light:
+        yield pa.Table.from_pylist(light, schema=schema)
+
+
+def _sample_row(row: dict, base: dict) -> dict:
+    """An output row holding the run's fields and the sample's identity; the rest left null."""
+    r = empty_row()
+    r.update(base)
+    r.update(
+        sample_id=row["sample_id"], mode=row["mode"], dataset=row.get("dataset"), video=row.get("video"),
+        media_type=row.get("media_type"),
+        question=row.get("question"), options=list(row.get("options") or []), problem_type=row.get("problem_type"),
+        answer_gt=row.get("answer_gt"), created_at=datetime.now(timezone.utc),
+    )
+    return r
+
+
+def _error_result(row: dict, base: dict, error_type: str, error: str) -> dict:
+    r = _sample_row(row, base)
+    r.update(error_type=error_type, error=error[:2000])
+    return r
+
+
+def _sample(row: dict, s: dict) -> dict:
+    """One sample of a stage row with its video's fields (not the frames): what its output rows show."""
+    return {**{k: v for k, v in s.items() if k not in ("modes", "error_type", "error")},
+            **{k: row.get(k) for k in ("video", "media_type", "frame_indices", "video_fps", "sampled_fps",
+                                       "video_duration_s")}}
+
+
+class ModelStage:
+    """A Ray Data actor: loads the model once; each call decodes a batch of stage rows.
+
+    One request per sample carrying all its pending modes, one `decode_requests` call for the
+    whole batch through `runtime.decode_slots` slots; each (sample, mode) yields exactly one output
+    row in OUTPUT_SCHEMA: a result, or an error row.
+    """
+
+    def __init__(self, cfg_json: str, run_id: str, config_hash: str, metrics_actor: Any = None):
+        import torch
+
+        from vreason_batch.engine.models import load_model
+
+        if metrics_actor is not None:
+            _register_with_driver(metrics_actor)
+        self.cfg = Config.model_validate_json(cfg_json)
+        if self.cfg.model.device != "cuda":
+            torch.set_num_threads(max(1, int(self.cfg.runtime.num_cpus_per_actor)))
+        self.lm = load_model(self.cfg.model)
+        self.base = dict(schema_version=SCHEMA_VERSION, run_id=run_id, config_hash=config_hash, model=self.cfg.model.name_or_path)
+        self.metrics_actor = metrics_actor
+        self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
+        self.metrics = ActorMetrics(self.actor_id)
+        self.stats = {"samples": 0, "output_tokens": 0, "controller_updates": 0, "decode_s": 0.0, "wait_s": 0.0, "errors": 0,
+                      "video_decodes": 0, **dict.fromkeys(ENGINE_COUNTS, 0)}
+        self.t_start = time.perf_counter()
+        self.t_last_end: float | None = None
+        self.t_last_log = time.perf_counter()
+
+    # -- one batch ------------------------------------------------------------------------
+    def __call__(self, batch):
+        from vreason_batch.engine.decoding import Request
+
+        t_in = time.perf_counter()
+        if self.t_last_end is not None:
+            self.stats["wait_s"] += t_in - self.t_last_end  # idle: waiting for frames upstream
+            self.metrics.record_frame_wait(t_in - self.t_last_end)
+        _maybe_inject_fault()
+        rows = batch.to_pylist() if hasattr(batch, "to_pylist") else _columns_to_rows(batch)
+        out: list[dict | None] = []  # one per (sample, mode), samples in batch order
+        waiting: list[tuple[int, int, str]] = []  # (index in out, request key, mode) of rows to decode
+        prepared: list[tuple[dict, Any]] = []  # by request key: (sample, model inputs)
+        requests: list[Request] = []
+        videos: dict[str, Any] = {}  # video -> its patches (or the error building them), once per call
+        for row in rows:
+            self.stats["video_decodes"] += row.get("video_decodes") or 0
+            for s in row["samples"]:
+                sample, modes = _sample(row, s), list(s["modes"])
+                err = (s["error_type"], s.get("error")) if s.get("error_type") else (
+                    (row["error_type"], row.get("error")) if row.get("error_type") else None)
+                x = None
+                if err is None:
+                    try:
+                        x = self._prepare(row, s, videos)
+                    except Exception as e:  # noqa: BLE001 - one bad sample becomes error rows, never a failed batch
+                        err = ("internal_error", f"building model inputs: {type(e).__name__}: {e}")
+                if err is not None:
+                    out.extend(_error_result({**sample, "mode": m}, self.base, err[0], err[1] or "") for m in modes)
+                    continue
+                key = len(prepared)
+                prepared.append((sample, x))
+                shared = row["video"] if x.pixel_values_videos is not None else None
+                requests.append(Request(key=key, inputs=x, modes=tuple(modes), video_key=shared))
+                for m in modes:
+                    waiting.append((len(out), key, m))
+                    out.append(None)
+        t_decode = time.perf_counter()
+        decoded = self._decode(requests) if requests else {}
+        decode_s = time.perf_counter() - t_decode
+        for i, key, m in waiting:
+            sample, x = prepared[key]
+            o = decoded.get((key, m), "the engine returned no result for this row")
+            if isinstance(o, str):
+                out[i] = _error_result({**sample, "mode": m}, self.base, "decode_error", o)
+            else:
+                out[i] = self._result_row({**sample, "mode": m}, x, o)
+        decoded_modes = {m for r in requests for m in r.modes}
+        for mode in dict.fromkeys(r["mode"] for r in out):
+            self.metrics.record_mode(mode, [r for r in out if r["mode"] == mode], decode_s if mode in decoded_modes else None)
+        self._account(out, time.perf_counter() - t_in)
+        self.t_last_end = time.perf_counter()
+        return rows_to_table(out)
+
+    def _prepare(self, row: dict, s: dict, videos: dict):
+        """A sample's model inputs, built once for all its modes; a video's patches once per call."""
+        import numpy as np
+
+        from vreason_batch.engine.prompting import build_text_inputs, video_patches, video_question_inputs
+
+        c = self.cfg
+        if self.lm.is_vl and row.get("frames_shape"):
+            video = row["video"]
+            if video not in videos:
+                try:
+                    # bytearray: a writable [T, H, W, 3] uint8 array; torch.from_numpy warns on (and must
+                    # not write into) the read-only buffer that np.frombuffer gives over `bytes`
+                    frames = np.frombuffer(bytearray(row["frames"]), dtype=np.uint8).reshape(row["frames_shape"])
+                    videos[video] = video_patches(frames, self.lm.vision, c.video.min_pixels, c.video.max_pixels)
+                except Exception as e:  # noqa: BLE001 - kept, so every question on this video gets the same error
+                    videos[video] = e
+            if isinstance(videos[video], Exception):
+                raise videos[video]
+            return video_question_inputs(
+                self.lm.tokenizer, self.lm.vision, videos[video], row.get("sampled_fps") or 2.0, s["question"],
+                s.get("options") or None, s.get("problem_type") or "free_form", c.decoding.prompt, c.decoding.system_prompt,
+            )
+        return build_text_inputs(
+            self.lm.tokenizer, s["question"], s.get("options") or None, s.get("problem_type") or "free_form",
+            c.decoding.prompt, c.decoding.system_prompt if self.lm.is_vl else None,
+        )
+
+    def _decode(self, requests: list) -> dict[tuple[int, str], Any]:
+        """Every request through the engine in one call; if the call fails (e.g. out of memory), each
+        request alone (one slot), so only the culprit's rows fail. -> {(key, mode): DecodeResult or error text}."""
+        from vreason_batch.engine.decoding import DecodeSettings, decode_requests
+
+        # the engine takes each request's modes; the settings' own mode is not used
+        settings = DecodeSettings.from_config(self.cfg, requests[0].modes[0])
+        try:
+            results, stats = decode_requests(self.lm, requests, settings, self.cfg.runtime.decode_slots)
+            self._count_engine(stats)
+            return results
+        except Exception as call_err:  # noqa: BLE001 - isolate the failing sample below
+            log.warning("decoding %d samples together failed (%s: %s); retrying one sample at a time",
+                        len(requests), type(call_err).__name__, call_err)
+            _free_accelerator_memory()
+        out: dict[tuple[int, str], Any] = {}
+        for r in requests:
+            try:
+                results, stats = decode_requests(self.lm, [r], settings, 1)
+                self._count_engine(stats)
+                out.update(results)
+            except Exception as e:  # noqa: BLE001 - this sample's rows become decode_error rows
+                _free_accelerator_memory()
+                out.update({(r.key, m): f"{type(e).__name__}: {e}" for m in r.modes})
+        return out
+
+    def _count_engine(self, stats) -> None:
+        for k in ENGINE_COUNTS:
+            self.stats[k] += getattr(stats, k)
+
+    def _result_row(self, row: dict, x, o) -> dict:
+        from vreason_batch.evaluation.scoring import extract_answer, score
+
+        r = _sample_row(row, self.base)
+        pt = r["problem_type"] = r["problem_type"] or "free_form"
+        pred = extract_answer(o.output_text, pt, r["options"] or None)
+        correct, sc = score(pred, r["answer_gt"], pt)
+        r.update(o.columns())
+        r.update(
+            answer=pred, correct=correct, score=sc, frame_indices=row.get("frame_indices") or None,
+            num_frames=len(row.get("frame_indices") or []) or None, video_fps=row.get("video_fps"),
+            sampled_fps=row.get("sampled_fps"), video_duration_s=row.get("video_duration_s"),
+            frame_height=x.frame_height, frame_width=x.frame_width,
+        )
+        return r
+
+    def _account(self, results: list[dict], decode_s: float) -> None:
+        s = self.stats
+        s["samples"] += len(results)
+        s["decode_s"] += decode_s
+        s["errors"] += sum(1 for r in results if r["error_type"])
+        s["output_tokens"] += sum(r["num_output_tokens"] or 0 for r in results)
+        s["controller_updates"] += sum(r["controller_updates"] or 0 for r in results)
+        elapsed = time.perf_counter() - self.t_start
+        snapshot = {
+            **s,
+            "samples_per_s": s["samples"] / elapsed if elapsed else 0.0,
+            "output_tokens_per_s": s["output_tokens"] / s["decode_s"] if s["decode_s"] else 0.0,
+            "slot_occupancy": s["busy_slot_steps"] / s["slot_steps"] if s["slot_steps"] else 0.0,
+        }
+        if self.metrics_actor is not None:
+            _report(self.metrics_actor, self.actor_id, snapshot)
+        if time.perf_counter() - self.t_last_log >= self.cfg.runtime.progress_interval_s:
+            self.t_last_log = time.perf_counter()
+            print(
+                f"[model-actor {self.actor_id}] samples={s['samples']} ({snapshot['samples_per_s']:.2f}/s) "
+                f"out_tok/s={snapshot['output_tokens_per_s']:.1f} updates={s['controller_updates']} "
+                f"slot_occupancy={snapshot['slot_occupancy']:.2f} waiting_for_frames={s['wait_s']:.1f}s "
+                f"errors={s['errors']}",
+                flush=True,
+            )
+
+
+def _report(metrics_actor: Any, actor_id: str, snapshot: dict) -> None:
+    """Store this actor's snapshot in the collector before the batch's rows are returned (waited
+    for: a few ms a batch), so that the run record, read once the last rows arrive, counts every
+    batch whose rows were written. A lost collector costs the metrics, never the batch."""
+    import ray
+    import ray.exceptions as rx
+
+    try:
+        ray.get(metrics_actor.record.remote(actor_id, snapshot), timeout=30)
+    except (rx.RayActorError, rx.GetTimeoutError) as e:
+        log.warning("metrics collector unreachable (%s); this batch's counts are not in the run record", e)
+
+
+def _columns_to_rows(batch: dict) -> list[dict]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: _plain(batch[k][i]) for k in keys} for i in range(n)]
+
+
+def _plain(v):
+    return v.tolist() if hasattr(v, "tolist") else v
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _maybe_inject_fault() -> None:
+    """Fault injection for tests: the first model batch after the marker is armed kills this process."""
+    marker = os.environ.get(FAULT_ENV)
+    if marker and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(str(os.getpid()))
+        os._exit(17)
+
+
+def _register_with_driver(metrics_actor: Any) -> None:
+    """Hand this actor's own handle to the run's collector, so the driver can end the actors of a
+    pipeline it gave up on (`pipeline._end_model_actors`). Before loading the model, and waited
+    for, so an actor that is up is always known. Ray's restart of this actor registers it again."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    ray.get(metrics_actor.register_actor.remote(ctx.get_actor_id(), ctx.current_actor))
+
+
+def metrics_collector_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class MetricsCollector:
+        """Latest metrics snapshot of each model actor, for progress lines and the run record;
+        and the handles of the model actors started since the driver last took them."""
+
+        def __init__(self) -> None:
+            self.by_actor: dict[str, dict] = {}
+            self.actors: dict[str, Any] = {}
+
+        def register_actor(self, ray_actor_id: str, handle: Any) -> None:
+            self.actors[ray_actor_id] = handle
+
+        def take_actors(self) -> list:
+            """The registered model actor handles, forgotten here (so they no longer keep the actors alive)."""
+            taken, self.actors = list(self.actors.values()), {}
+            return taken
+
+        def record(self, actor_id: str, snapshot: dict) -> None:
+            self.by_actor[actor_id] = snapshot
+
+        def get(self) -> dict[str, dict]:
+            return self.by_actor
+
+    return MetricsCollector
