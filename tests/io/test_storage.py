@@ -1,4 +1,5 @@
-"""storage: URIs, local and S3 (moto server) round trips, atomic writes, listing, retries."""
+"""storage (and its localfs, s3, failures parts): URIs, local and S3 (moto server) round trips,
+atomic writes, listing, retries."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vreason_batch.io import storage
+from vreason_batch.io import failures, localfs, s3, storage
 
 
 def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
@@ -91,7 +92,7 @@ def test_local_write_interrupted_keeps_old_content(tmp_path, monkeypatch):
     def fail_replace(src, dst):
         raise OSError("disk went away")
 
-    monkeypatch.setattr(storage.os, "replace", fail_replace)
+    monkeypatch.setattr(localfs.os, "replace", fail_replace)
     with pytest.raises(OSError, match="disk went away"):
         storage.write_bytes(str(target), b"new")
     assert target.read_bytes() == b"old"
@@ -169,7 +170,7 @@ def test_s3_missing_key_and_bucket_are_not_found(s3_bucket):
 def test_s3_list_files_pages_and_matches_folder_only(s3_bucket, monkeypatch):
     for key in ["v/a.mp4", "v/sub/b.mp4", "v/sub/c.txt", "v/z.mp4", "v2/other.mp4"]:
         storage.write_bytes(f"s3://{s3_bucket}/{key}", b"x")
-    monkeypatch.setattr(storage, "_LIST_PAGE_SIZE", 2)  # force several pages
+    monkeypatch.setattr(s3, "_LIST_PAGE_SIZE", 2)  # force several pages
     assert storage.list_files(f"s3://{s3_bucket}/v", "*.mp4") == [
         f"s3://{s3_bucket}/v/a.mp4",
         f"s3://{s3_bucket}/v/sub/b.mp4",
@@ -182,7 +183,7 @@ def test_s3_list_files_pages_and_matches_folder_only(s3_bucket, monkeypatch):
 def test_s3_delete_prefix_only_touches_that_folder(s3_bucket, monkeypatch):
     for key in ["out", "out/a", "out/b/c", "out2/keep", "keep"]:
         storage.write_bytes(f"s3://{s3_bucket}/{key}", b"x")
-    monkeypatch.setattr(storage, "_LIST_PAGE_SIZE", 2)
+    monkeypatch.setattr(s3, "_LIST_PAGE_SIZE", 2)
     assert storage.delete_prefix(f"s3://{s3_bucket}/out") == 3
     assert storage.list_files(f"s3://{s3_bucket}") == [f"s3://{s3_bucket}/keep", f"s3://{s3_bucket}/out2/keep"]
     with pytest.raises(storage.StorageError, match="whole bucket"):
@@ -203,7 +204,7 @@ def test_s3_client_is_cached_per_process_and_endpoint(s3_server, monkeypatch):
     assert storage.s3_client() is client
     assert client.meta.endpoint_url == s3_server
     real_pid = os.getpid()
-    monkeypatch.setattr(storage.os, "getpid", lambda: real_pid + 100000)
+    monkeypatch.setattr(s3.os, "getpid", lambda: real_pid + 100000)
     assert storage.s3_client() is not client  # a forked child builds its own
 
 
@@ -302,13 +303,13 @@ def test_backoff_is_capped():
 
 
 def test_s3_errors_become_storage_errors_after_retries(monkeypatch):
-    monkeypatch.setattr(storage.time, "sleep", lambda s: None)
+    monkeypatch.setattr(failures.time, "sleep", lambda s: None)
     with pytest.raises(storage.AccessDenied, match="access denied"):
-        storage._s3_call(Flaky(client_error("AccessDenied", 403)), "s3://b/k", "read")
+        s3._s3_call(Flaky(client_error("AccessDenied", 403)), "s3://b/k", "read")
     with pytest.raises(storage.NotFound):
-        storage._s3_call(Flaky(client_error("NoSuchBucket", 404)), "s3://b/k", "read")
+        s3._s3_call(Flaky(client_error("NoSuchBucket", 404)), "s3://b/k", "read")
     fn = Flaky(client_error("SlowDown", 503))
-    assert storage._s3_call(fn, "s3://b/k", "read") == "ok" and fn.calls == 2
+    assert s3._s3_call(fn, "s3://b/k", "read") == "ok" and fn.calls == 2
 
 
 # ---------------------------------------------------------------------------------------------
