@@ -1,4 +1,5 @@
-"""manifest: every format, column mapping, paths, ids, duplicates, bad rows, annotation, S3."""
+"""manifest (and its manifest_formats, manifest_rows parts): every format, column mapping, paths,
+ids, duplicates, bad rows, annotation, S3."""
 
 from __future__ import annotations
 
@@ -18,13 +19,8 @@ from videos import counter_video_bytes, frame_index
 
 from vreason_batch.io import storage
 from vreason_batch.config import InputConfig, VideoConfig
-from vreason_batch.io.manifest import (
-    ManifestError,
-    make_sample_id,
-    normalize_answer,
-    read_samples,
-    shard_key,
-)
+from vreason_batch.io.manifest import ManifestError, read_samples
+from vreason_batch.io.manifest_rows import make_sample_id, normalize_answer, shard_key
 from vreason_batch.io.video import load_clip
 
 ROWS = [
@@ -381,7 +377,7 @@ def test_shard_key_is_stable_and_spread():
 
 
 def test_shard_key_same_in_another_process():
-    code = "from vreason_batch.io.manifest import shard_key; print(shard_key('abc', 97))"
+    code = "from vreason_batch.io.manifest_rows import shard_key; print(shard_key('abc', 97))"
     env = dict(os.environ, PYTHONHASHSEED="123")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert int(out.stdout) == shard_key("abc", 97)
