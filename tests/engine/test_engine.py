@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from engine_util import decode_settings, tiny_lm, video_inputs
-from vreason_batch.engine.decoding import DecodeState, Request, decode_batch, decode_requests, prefill
+from vreason_batch.engine.api import Request
+from vreason_batch.engine.driver import decode_batch, decode_requests
+from vreason_batch.engine.prefill import prefill
+from vreason_batch.engine.state import DecodeState
 from vreason_batch.engine.last_layer import LastLayer
 
 N = 16
