@@ -20,7 +20,7 @@ from vreason_batch.engine.api import DecodeSettings
 from vreason_batch.engine.controller import ControllerState, PolicyState, adam_step, entropy_from_logits, policy_step, value_delta
 from vreason_batch.engine.last_layer import Attention, LastLayer
 from vreason_batch.engine.models import LoadedModel
-from vreason_batch.engine.state import DecodeState
+from vreason_batch.engine.state import DecodeState, TokenRecord
 
 
 @dataclass
@@ -141,17 +141,14 @@ def record_step(st: DecodeState, step: Step, eos: set[int], stops: StopStrings, 
     finished = []
     for r, (row, (tok, h, h_post, ema, alpha)) in enumerate(zip(st.rows, vals)):
         tok = int(tok)
-        row.entropy.append(h)
-        row.entropy_post.append(h_post)
-        row.entropy_ema.append(ema)
-        row.alpha.append(int(alpha))
+        row.steps.append(TokenRecord(entropy=h, entropy_post=h_post, entropy_ema=ema, alpha=int(alpha)))
         if tok in eos:
             row.finish_reason = "eos"
         else:
             row.token_ids.append(tok)
             if stops.hit(row.token_ids):
                 row.finish_reason = "stop_string"
-        if row.finish_reason != "max_new_tokens" or len(row.entropy) >= max_new_tokens:
+        if row.finish_reason != "max_new_tokens" or len(row.steps) >= max_new_tokens:
             row.latency_s = now - row.t_start
             finished.append(r)
     return finished
