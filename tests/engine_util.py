@@ -10,7 +10,7 @@ import numpy as np
 @functools.lru_cache(maxsize=None)
 def tiny_lm():
     from vreason_batch.config import ModelConfig
-    from vreason_batch.engine.models import load_model
+    from vreason_batch.engine.loading import load_model
 
     return load_model(ModelConfig())
 

@@ -17,7 +17,7 @@ from vreason_batch.engine.driver import decode_batch
 from vreason_batch.engine.prefill import prefill, prune_video_tokens
 from vreason_batch.engine.step import StopStrings, decode_one_token, entropy_and_grad, forward_last_token
 from vreason_batch.engine.last_layer import LastLayer
-from vreason_batch.engine.models import load_model
+from vreason_batch.engine.loading import load_model
 from vreason_batch.engine.prompting import collate
 from vreason_batch.io.schema import OUTPUT_COLUMNS
 

@@ -78,7 +78,8 @@ def _measure(fn, repeats: int, device) -> tuple[float, float]:
 
 def _load(args):
     from vreason_batch.config import ModelConfig
-    from vreason_batch.engine.models import BUILTIN_TINY, load_model, load_random_architecture
+    from vreason_batch.engine.loading import load_model, load_random_architecture
+    from vreason_batch.engine.models import BUILTIN_TINY
 
     mcfg = ModelConfig(name_or_path=args.model or BUILTIN_TINY, device=args.device, dtype=args.dtype)
     if args.arch:

@@ -38,7 +38,8 @@ def run_reasoning_bench(args) -> dict[str, Any]:
     from vreason_batch.config import ModelConfig
     from vreason_batch.engine.api import EngineStats, Request
     from vreason_batch.engine.driver import decode_requests
-    from vreason_batch.engine.models import BUILTIN_SMOLLM2, load_model
+    from vreason_batch.engine.loading import load_model
+    from vreason_batch.engine.models import BUILTIN_SMOLLM2
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -187,7 +187,7 @@ class ModelStage:
     def __init__(self, cfg_json: str, run_id: str, config_hash: str, metrics_actor: Any = None):
         import torch
 
-        from vreason_batch.engine.models import load_model
+        from vreason_batch.engine.loading import load_model
 
         if metrics_actor is not None:
             _register_with_driver(metrics_actor)
