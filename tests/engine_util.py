@@ -10,7 +10,7 @@ import numpy as np
 @functools.lru_cache(maxsize=None)
 def tiny_lm():
     from vreason_batch.config import ModelConfig
-    from vreason_batch.engine.models import load_model
+    from vreason_batch.engine.loading import load_model
 
     return load_model(ModelConfig())
 
@@ -33,7 +33,7 @@ def video_inputs(seed: int = 0, t: int = 4, h: int = 112, w: int = 112, question
 def decode_settings(mode: str, max_new_tokens: int, stop_strings=(), prune_ratio: float = 0.5, **controller):
     """DecodeSettings the way the pipeline builds them, from config sections (defaults from config.py)."""
     from vreason_batch.config import ControllerConfig, DecodingConfig, LiteConfig
-    from vreason_batch.engine.decoding import DecodeSettings
+    from vreason_batch.engine.api import DecodeSettings
 
     return DecodeSettings.build(
         mode, DecodingConfig(max_new_tokens=max_new_tokens, stop_strings=list(stop_strings)),

@@ -12,12 +12,12 @@ from engine_util import decode_settings as settings_for
 from engine_util import tiny_lm, video_inputs
 from vreason_batch.config import ModelConfig
 from vreason_batch.engine.controller import entropy_from_logits
-from vreason_batch.engine.decoding import (
-    DecodeResult, StopStrings, decode_batch, decode_one_token, entropy_and_grad, forward_last_token, prefill,
-    prune_video_tokens,
-)
+from vreason_batch.engine.api import DecodeResult
+from vreason_batch.engine.driver import decode_batch
+from vreason_batch.engine.prefill import prefill, prune_video_tokens
+from vreason_batch.engine.step import StopStrings, decode_one_token, entropy_and_grad, forward_last_token
 from vreason_batch.engine.last_layer import LastLayer
-from vreason_batch.engine.models import load_model
+from vreason_batch.engine.loading import load_model
 from vreason_batch.engine.prompting import collate
 from vreason_batch.io.schema import OUTPUT_COLUMNS
 

@@ -5,7 +5,10 @@ import pytest
 import torch
 
 from engine_util import decode_settings, tiny_lm, video_inputs
-from vreason_batch.engine.decoding import DecodeState, Request, decode_batch, decode_requests, prefill
+from vreason_batch.engine.api import Request
+from vreason_batch.engine.driver import decode_batch, decode_requests
+from vreason_batch.engine.prefill import prefill
+from vreason_batch.engine.state import DecodeState
 from vreason_batch.engine.last_layer import LastLayer
 
 N = 16
@@ -154,3 +157,23 @@ def test_merge_left_pads_the_shorter_state(lm, samples):
     assert m.controlled.tolist() == [True, False]
     assert torch.equal(m.ctrl.pos[0][m.ctrl.valid[0]], a.ctrl.pos[0][a.ctrl.valid[0]] + pad)
     assert not bool(m.ctrl.valid[1].any())
+
+
+def test_every_per_row_field_follows_its_row_through_merge_and_retire(lm, samples):
+    head = LastLayer(lm.last_layer_parts())
+    with torch.no_grad():
+        a = prefill(lm, head, [samples[0], samples[2]], settings("vreason"))
+        b = prefill(lm, head, [samples[1]], settings("greedy"))
+    m = DecodeState.merge(a, b)
+    m.retire([1])  # samples[2], in the middle: rows 0 and 2 stay, row 2 becomes row 1
+    assert [(r.key, r.mode) for r in m.rows] == [(0, "vreason"), (0, "greedy")]
+    assert [r.key for r in m.done] == [1]
+    assert m.controlled.tolist() == [True, False]
+    assert m.next_ids.tolist() == [[samples[0].input_ids[-1]], [samples[1].input_ids[-1]]]
+    assert torch.equal(m.next_pos[..., 0, :], a.next_pos[..., 0, :])
+    assert torch.equal(m.next_pos[..., 1, :], b.next_pos[..., 0, :])
+    assert m.policy.steps.shape == (2,) and m.ctrl.dv.shape[0] == 2 and not bool(m.ctrl.valid[1].any())
+    # each row keeps its own tokens; the cache is as long as the longer of the two
+    lengths = [int(a.pad_mask[0].sum()), int(b.pad_mask[0].sum())]
+    assert m.pad_mask.shape[1] == max(lengths) and m.pad_mask.sum(dim=1).tolist() == lengths
+    assert m.cache.layers[0].keys.shape[0] == 2 and m.cache.layers[0].keys.shape[2] == max(lengths)

@@ -6,8 +6,8 @@ import torch
 
 from engine_util import decode_settings, tiny_lm, video_inputs
 from vreason_batch.config import ModelConfig
-from vreason_batch.engine.decoding import decode_batch
-from vreason_batch.engine.models import load_model
+from vreason_batch.engine.driver import decode_batch
+from vreason_batch.engine.loading import load_model
 
 
 @pytest.fixture(scope="module")

@@ -28,8 +28,9 @@ if importlib.util.find_spec("gguf") is None:
 
 from engine_util import decode_settings  # noqa: E402
 from vreason_batch.config import ModelConfig  # noqa: E402
-from vreason_batch.engine.decoding import DecodeSettings, decode_batch  # noqa: E402
-from vreason_batch.engine.models import load_model  # noqa: E402
+from vreason_batch.engine.api import DecodeSettings  # noqa: E402
+from vreason_batch.engine.driver import decode_batch  # noqa: E402
+from vreason_batch.engine.loading import load_model  # noqa: E402
 from vreason_batch.engine.prompting import build_text_inputs  # noqa: E402
 from vreason_batch.bench.reasoning_set import make_reasoning_set  # noqa: E402
 

@@ -209,7 +209,7 @@ def model_stage():
 
 def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(model_stage, two_videos, tmp_path,
                                                                             monkeypatch):
-    import vreason_batch.engine.decoding as decoding
+    import vreason_batch.engine.driver as driver
     import vreason_batch.engine.prompting as prompting
 
     modes = ("greedy", "vreason", "vreason_lite")
@@ -217,8 +217,8 @@ def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(mode
     missing = str(tmp_path / "missing.mp4")
     stage_rows = run_video_stage(plan_table([a, b, a, missing, a], modes=modes, errors={4: "bad row"}))
     calls, patch_builds = [], []
-    real_decode, real_patches = decoding.decode_requests, prompting.video_patches
-    monkeypatch.setattr(decoding, "decode_requests",
+    real_decode, real_patches = driver.decode_requests, prompting.video_patches
+    monkeypatch.setattr(driver, "decode_requests",
                         lambda lm, reqs, settings, slots: calls.append((reqs, slots)) or real_decode(lm, reqs, settings, slots))
     monkeypatch.setattr(prompting, "video_patches", lambda *a, **k: patch_builds.append(1) or real_patches(*a, **k))
     before = dict(model_stage.stats)
@@ -244,12 +244,12 @@ def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(mode
 
 
 def test_model_stage_isolates_a_sample_the_engine_fails_on(model_stage, two_videos, monkeypatch):
-    import vreason_batch.engine.decoding as decoding
+    import vreason_batch.engine.driver as driver
 
     a, b = two_videos
     stage_rows = run_video_stage(plan_table([a, b, a], modes=("greedy", "vreason")))
     calls = []
-    real = decoding.decode_requests
+    real = driver.decode_requests
 
     def fails_on_b(lm, reqs, settings, slots):  # the engine raises for any call holding s1 (on video b)
         calls.append((len(reqs), slots))
@@ -257,7 +257,7 @@ def test_model_stage_isolates_a_sample_the_engine_fails_on(model_stage, two_vide
             raise RuntimeError("CUDA out of memory (injected)")
         return real(lm, reqs, settings, slots)
 
-    monkeypatch.setattr(decoding, "decode_requests", fails_on_b)
+    monkeypatch.setattr(driver, "decode_requests", fails_on_b)
 
     out = model_stage(pa.Table.from_pylist(stage_rows, schema=stages.stage_schema())).to_pylist()
 

@@ -78,7 +78,8 @@ def _measure(fn, repeats: int, device) -> tuple[float, float]:
 
 def _load(args):
     from vreason_batch.config import ModelConfig
-    from vreason_batch.engine.models import BUILTIN_TINY, load_model, load_random_architecture
+    from vreason_batch.engine.loading import load_model, load_random_architecture
+    from vreason_batch.engine.models import BUILTIN_TINY
 
     mcfg = ModelConfig(name_or_path=args.model or BUILTIN_TINY, device=args.device, dtype=args.dtype)
     if args.arch:
@@ -105,7 +106,7 @@ def _prompt(lm, frames: int, max_pixels: int, seed: int):
 
 def _settings(mode: str, n: int, **ctrl):
     from vreason_batch.config import ControllerConfig, DecodingConfig, LiteConfig
-    from vreason_batch.engine.decoding import DecodeSettings
+    from vreason_batch.engine.api import DecodeSettings
 
     return DecodeSettings.build(mode, DecodingConfig(max_new_tokens=n, stop_strings=[]), ControllerConfig(**ctrl), LiteConfig())
 
@@ -119,7 +120,7 @@ def run_bench(args) -> dict[str, Any]:
         return run_precision(args)
     import torch
 
-    from vreason_batch.engine.decoding import decode_batch
+    from vreason_batch.engine.driver import decode_batch
     from vreason_batch.engine.modes import MODES
     from vreason_batch.engine.prompting import collate
 
@@ -195,7 +196,7 @@ def run_precision(args) -> dict[str, Any]:
 
     import torch
 
-    from vreason_batch.engine.decoding import decode_batch
+    from vreason_batch.engine.driver import decode_batch
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -22,7 +22,7 @@ from typing import Any
 
 
 def _reasoning_requests(lm, n: int, modes: tuple[str, ...]):
-    from vreason_batch.engine.decoding import Request
+    from vreason_batch.engine.api import Request
     from vreason_batch.engine.prompting import build_text_inputs
     from vreason_batch.bench.reasoning_set import make_reasoning_set
 
@@ -36,8 +36,10 @@ def run_reasoning_bench(args) -> dict[str, Any]:
 
     from vreason_batch.bench.decode import _settings
     from vreason_batch.config import ModelConfig
-    from vreason_batch.engine.decoding import EngineStats, Request, decode_requests
-    from vreason_batch.engine.models import BUILTIN_SMOLLM2, load_model
+    from vreason_batch.engine.api import EngineStats, Request
+    from vreason_batch.engine.driver import decode_requests
+    from vreason_batch.engine.loading import load_model
+    from vreason_batch.engine.models import BUILTIN_SMOLLM2
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,7 +106,8 @@ def run_prefill_bench(args) -> dict[str, Any]:
     import torch
 
     from vreason_batch.bench.decode import _load, _settings
-    from vreason_batch.engine.decoding import EngineStats, Request, _rows_for_modes, _units
+    from vreason_batch.engine.api import EngineStats, Request
+    from vreason_batch.engine.prefill import prefill_rows, prefill_units
     from vreason_batch.engine.last_layer import LastLayer
     from vreason_batch.engine.prompting import build_video_inputs
 
@@ -132,13 +135,13 @@ def run_prefill_bench(args) -> dict[str, Any]:
         st = EngineStats()
         rows = [Request(r.key, r.inputs, (m,)) for r in reqs for m in r.modes]
         for i in range(0, len(rows), args.slots):
-            _rows_for_modes(lm, head, _units(rows[i:i + args.slots], vid), s, st)
+            prefill_rows(lm, head, prefill_units(rows[i:i + args.slots], vid), s, st)
         return st
 
     def shared():  # now: one unit per video (its questions share the prefix), modes share the prefill
         st = EngineStats()
-        for unit in _units(reqs, vid):
-            _rows_for_modes(lm, head, [unit], s, st)
+        for unit in prefill_units(reqs, vid):
+            prefill_rows(lm, head, [unit], s, st)
         return st
 
     figures: dict[str, Any] = {"model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "videos": args.videos,

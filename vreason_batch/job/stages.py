@@ -187,7 +187,7 @@ class ModelStage:
     def __init__(self, cfg_json: str, run_id: str, config_hash: str, metrics_actor: Any = None):
         import torch
 
-        from vreason_batch.engine.models import load_model
+        from vreason_batch.engine.loading import load_model
 
         if metrics_actor is not None:
             _register_with_driver(metrics_actor)
@@ -207,7 +207,7 @@ class ModelStage:
 
     # -- one batch ------------------------------------------------------------------------
     def __call__(self, batch):
-        from vreason_batch.engine.decoding import Request
+        from vreason_batch.engine.api import Request
 
         t_in = time.perf_counter()
         if self.t_last_end is not None:
@@ -290,7 +290,8 @@ class ModelStage:
     def _decode(self, requests: list) -> dict[tuple[int, str], Any]:
         """Every request through the engine in one call; if the call fails (e.g. out of memory), each
         request alone (one slot), so only the culprit's rows fail. -> {(key, mode): DecodeResult or error text}."""
-        from vreason_batch.engine.decoding import DecodeSettings, decode_requests
+        from vreason_batch.engine.api import DecodeSettings
+        from vreason_batch.engine.driver import decode_requests
 
         # the engine takes each request's modes; the settings' own mode is not used
         settings = DecodeSettings.from_config(self.cfg, requests[0].modes[0])

@@ -1,0 +1,91 @@
+"""The decode loop's driver: every mode in modes.py, batched over the KV cache, with continuous batching.
+
+Its shape follows gpt-fast's generate.py, one piece a module: prefill.py fills the cache with the
+prompts (all but their last token) and starts rows from them; step.py's `decode_one_token`
+advances every live row by one token and `record_step` appends it to the rows' traces;
+state.py's `DecodeState.retire` is the one place rows leave. `decode_requests` drives them with
+continuous batching (`decode_batch` is its one-batch case).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+import torch
+
+from vreason_batch.engine.api import DecodeResult, DecodeSettings, EngineStats, Request
+from vreason_batch.engine.last_layer import LastLayer
+from vreason_batch.engine.models import LoadedModel
+from vreason_batch.engine.prefill import Prefilled, prefill_units
+from vreason_batch.engine.prompting import ModelInputs
+from vreason_batch.engine.state import DecodeState, RowTrace
+from vreason_batch.engine.step import StopStrings, decode_one_token, record_step
+
+
+def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, stats: EngineStats) -> Prefilled:
+    """Prefill the next units from `pending` (at least one; more while they add up to fewer than
+    `free` rows and are of the same kind, text or video, as the first)."""
+    units = [pending.popleft()]
+    rows = units[0].rows
+    while pending and rows < free and pending[0].has_video == units[0].has_video:
+        units.append(pending.popleft())
+        rows += units[-1].rows
+    return Prefilled.of(lm, head, units, stats)
+
+
+def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSettings,
+                    slots: int) -> tuple[dict[tuple[Any, str], DecodeResult], EngineStats]:
+    """Decode every (request, mode) with continuous batching over `slots` rows.
+
+    When a row finishes, its slot is refilled at once: the next requests are prefilled (one prefill
+    per request shared by its modes, one prefix per video shared by its questions) and join the
+    running batch, each row with its own step counter, policy and controller. Rows that do not fit
+    yet wait, prefilled (one cache row per request; the modes' copies are made as rows start), for
+    the next free slot: at most one prefill's requests wait at a time. `settings.mode` is not used: each
+    request names its modes. Returns ({(key, mode): result}, stats).
+    """
+    if slots < 1:
+        raise ValueError("slots must be >= 1")
+    head = LastLayer(lm.last_layer_parts())
+    eos, stops = set(lm.eos_token_ids), StopStrings(lm.tokenizer, settings.stop_strings)
+    stats = EngineStats()
+    pending = deque(prefill_units(requests, lm.vision.video_token_id if lm.vision else None))
+    live: DecodeState | None = None
+    ready: Prefilled | None = None  # prefilled requests whose rows wait for a slot
+    done: list[RowTrace] = []
+    with torch.no_grad():
+        while True:
+            free = slots - (live.size if live is not None else 0)
+            while free > 0 and (ready is not None or pending):
+                if ready is None:
+                    ready = _admit(lm, head, pending, free, stats)
+                admit = ready.start_rows(free, head, settings)
+                if not ready.todo:
+                    ready = None
+                live = admit if live is None else DecodeState.merge(live, admit)
+                free -= admit.size
+            if live is None:
+                break
+            stats.decode_steps += 1
+            stats.busy_slot_steps += live.size
+            stats.slot_steps += slots
+            if ready is not None or pending:
+                stats.queued_busy_slot_steps += live.size
+                stats.queued_slot_steps += slots
+            step = decode_one_token(lm, head, live, settings)
+            live.retire(record_step(live, step, eos, stops, settings.max_new_tokens))
+            if not live.rows:
+                done.extend(live.done)
+                live = None
+    results = {(row.key, row.mode): row.result(lm.tokenizer) for row in done}
+    stats.output_tokens = sum(r.num_output_tokens for r in results.values())
+    return results, stats
+
+
+def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSettings) -> list[DecodeResult]:
+    """Decode `batch` together in `settings.mode`; each sample keeps its own controller state. One
+    result per input, in order."""
+    mode = settings.mode.name
+    out, _ = decode_requests(lm, [Request(i, x, (mode,)) for i, x in enumerate(batch)], settings, slots=len(batch))
+    return [out[(i, mode)] for i in range(len(batch))]

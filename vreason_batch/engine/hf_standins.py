@@ -1,0 +1,112 @@
+"""Stand-ins for transformers pieces: a KV-cache layer with spare capacity, and a module that takes the last decoder layer's place.
+
+The engine's only subclasses of transformers classes (DynamicLayer) and its only use of
+transformers' cache classes; LoadedModel (models.py) reaches them through `new_cache` and
+`last_layer_input`. The classes are built on first use, so importing this module imports no
+transformers.
+"""
+
+from __future__ import annotations
+
+import functools
+
+SLAB_HEADROOM = 128  # tokens of spare capacity a SlabLayer allocates when it grows
+
+
+def new_cache(model_config, slab: bool = True):
+    """An empty KV cache for a model of `model_config` (every layer's keys/values [b, kv_heads, S, head_dim]).
+
+    With `slab`, full-attention layers write new tokens into spare capacity (`SlabLayer`)
+    instead of concatenating the whole cache every step.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model_config)
+    if slab:
+        cache.layers = [_slab_layer_class()() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+def last_layer_input():
+    """A module that stands in for the last decoder layer: it records its input and the rotary
+    (cos, sin) it is given (`.hidden`, `.position_embeddings`) and returns the input unchanged."""
+    return _last_layer_input_class()()
+
+
+@functools.lru_cache(maxsize=None)
+def _slab_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SlabLayer(DynamicLayer):
+        """A DynamicLayer whose keys/values live in a buffer with spare capacity along the sequence.
+
+        `update` writes the new tokens in place and returns views of the filled part; the buffer is
+        reallocated (with SLAB_HEADROOM tokens to spare) only when it is full, so a decode step
+        copies the cache once every SLAB_HEADROOM tokens instead of every token. Assigning
+        `keys` / `values` (row selection, merges, pruning) adopts the given tensors as the buffer.
+        """
+
+        def __init__(self, **kwargs) -> None:
+            self._k = self._v = None
+            self._n = 0
+            super().__init__(**kwargs)
+
+        @property
+        def keys(self):
+            return None if self._k is None else self._k[:, :, : self._n]
+
+        @keys.setter
+        def keys(self, t) -> None:
+            self._k = t
+            self._n = 0 if t is None or t.dim() < 3 else t.shape[2]
+
+        @property
+        def values(self):
+            return None if self._v is None else self._v[:, :, : self._n]
+
+        @values.setter
+        def values(self, t) -> None:
+            self._v = t
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self._k = self._v = None
+            self._n = 0
+            self.is_initialized = True
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, t = self._n, key_states.shape[2]
+            if self._k is None or n + t > self._k.shape[2] or self._k.shape[:2] != key_states.shape[:2]:
+                shape = (*key_states.shape[:2], n + t + SLAB_HEADROOM, key_states.shape[3])
+                k, v = key_states.new_empty(shape), value_states.new_empty(shape)
+                if n:
+                    k[:, :, :n], v[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n]
+                self._k, self._v = k, v
+            self._k[:, :, n:n + t] = key_states
+            self._v[:, :, n:n + t] = value_states
+            self._n = n + t
+            return self.keys, self.values
+
+    return SlabLayer
+
+
+@functools.lru_cache(maxsize=None)
+def _last_layer_input_class():
+    import torch
+
+    class LastLayerInput(torch.nn.Module):
+        """Stands in for the last decoder layer: records its input and rotary embeddings, returns the input."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = None
+            self.position_embeddings = None
+
+        def forward(self, hidden_states, *args, position_embeddings=None, **kwargs):
+            self.hidden, self.position_embeddings = hidden_states, position_embeddings
+            return hidden_states
+
+    return LastLayerInput
