@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .summaries import NO_DATASET, NUM_EXAMPLES, _failed, _floats, _lists, _ordered_modes, _strings
+from .rows import NO_DATASET, _failed, _floats, _lists, _strings
+from .summaries import NUM_EXAMPLES, _ordered_modes
 
 MODE_COLORS = {"greedy": "#4d4d4d", "vreason": "#1f77b4", "vreason_lite": "#2ca02c"}
 EXPLORE_COLOR = "#d62728"  # alpha = -1: the update pushes entropy up
