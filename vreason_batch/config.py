@@ -214,7 +214,7 @@ class Config(_Strict):
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")  # the checkpoints models.py loads with their vision tower
+VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")  # the checkpoints engine/models.py loads with their vision tower
 
 
 def model_takes_video(name_or_path: str) -> bool | None:

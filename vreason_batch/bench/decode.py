@@ -1,4 +1,7 @@
-"""`vreason-batch bench`: decode speed and peak memory per mode, in one process, on one model and prompt.
+"""`vreason-batch bench` (workloads decode, the default, and precision): decode speed and memory per mode.
+
+decode: speed and peak memory per mode, in one process, on one model and prompt; precision
+(`run_precision`): the controller's effect in float32 and in a lower precision, on the same weights.
 
 Figures, not a test: every timing is the median of `--repeats` runs after one warm-up, with EOS
 disabled so every run makes exactly `--new-tokens` tokens. ms/token includes the prefill, the same

@@ -1,4 +1,4 @@
-"""The model actors' metrics, where cluster operators look (Ray's Prometheus endpoint) and for the run record.
+"""The model actors' metrics: exported to Ray's Prometheus endpoint for operators, collected for the run record.
 
 Recorded with `ray.util.metrics` in each model actor; Ray's metrics agent on every node exports
 them with the cluster's own metrics (scraped from each node's metrics export port, shown by the
