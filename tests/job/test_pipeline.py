@@ -34,7 +34,7 @@ from vreason_batch.job.pipeline import run_job
 from vreason_batch.job.plan import OutputConflict, plan_run
 from vreason_batch.job.results import RUNS_DIR
 from vreason_batch.io.schema import OUTPUT_SCHEMA
-from vreason_batch.job.stages import FAULT_ENV
+from vreason_batch.job.stages.model import FAULT_ENV
 
 pytestmark = pytest.mark.pipeline
 

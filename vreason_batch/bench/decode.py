@@ -1,4 +1,7 @@
-"""`vreason-batch bench`: decode speed and peak memory per mode, in one process, on one model and prompt.
+"""`vreason-batch bench` (workloads decode, the default, and precision): decode speed and memory per mode.
+
+decode: speed and peak memory per mode, in one process, on one model and prompt; precision
+(`run_precision`): the controller's effect in float32 and in a lower precision, on the same weights.
 
 Figures, not a test: every timing is the median of `--repeats` runs after one warm-up, with EOS
 disabled so every run makes exactly `--new-tokens` tokens. ms/token includes the prefill, the same
@@ -158,13 +161,30 @@ def run_bench(args) -> dict[str, Any]:
     # every registered mode at the default k = 2, and V-Reason at k = 1
     runs += [(m, ours(m, update_every=2) if MODES[m].controlled else ours(m)) for m in MODES]
     runs.insert(len(runs) - len(MODES) + 1, ("vreason_k1", ours("vreason", update_every=1)))
+    _time_runs(figures, runs, n, args.repeats, lm.device)
+    _compare_to_greedy(figures, model_mib, with_hf=not args.no_hf)
+
+    if args.batch > 1:
+        _time_batches(figures, lambda b: ours("vreason", batch=b, update_every=2), args.batch, n, args.repeats,
+                      lm.device)
+    print("  " + "   ".join(f"{k} {figures[k]}x" for k in ("greedy_vs_hf", "vreason_vs_greedy", "vreason_k1_vs_greedy",
+                                                             "batch_speedup") if k in figures))
+    return figures
+
+
+def _time_runs(figures: dict[str, Any], runs: list, n: int, repeats: int, device) -> None:
+    """ms/token and peak memory of each (key, fn) in `runs`, into `figures` (printed as they come)."""
     for key, fn in runs:
-        sec, mem = _measure(fn, args.repeats, lm.device)
+        sec, mem = _measure(fn, repeats, device)
         figures[f"{key}_ms_per_token"] = round(1000 * sec / n, 3)
         figures[f"{key}_peak_mem_mib"] = round(mem, 1)
         print(f"  {key:<14} {1000 * sec / n:8.2f} ms/token   peak mem +{mem:8.1f} MiB")
+
+
+def _compare_to_greedy(figures: dict[str, Any], model_mib: float, with_hf: bool) -> None:
+    """Greedy against HF generate, and each V-Reason run's time and memory against greedy's, into `figures`."""
     g_ms, g_mem = figures["greedy_ms_per_token"], figures["greedy_peak_mem_mib"]
-    if not args.no_hf:
+    if with_hf:
         figures["greedy_vs_hf"] = round(g_ms / figures["hf_generate_ms_per_token"], 3)
     for key in ("vreason", "vreason_k1", "vreason_lite"):
         figures[f"{key}_vs_greedy"] = round(figures[f"{key}_ms_per_token"] / g_ms, 3)
@@ -174,15 +194,14 @@ def run_bench(args) -> dict[str, Any]:
     print(f"  memory over greedy (share of greedy's peak incl. {model_mib:.0f} MiB of weights): "
           f"vreason {figures['vreason_mem_overhead_pct']:+.2f}%  vreason_lite {figures['vreason_lite_mem_overhead_pct']:+.2f}%")
 
-    if args.batch > 1:
-        for b in (1, args.batch):
-            sec, _ = _measure(ours("vreason", batch=b, update_every=2), args.repeats, lm.device)
-            figures[f"batch{b}_tokens_per_s"] = round(b * n / sec, 2)
-            print(f"  vreason batch {b:<3} {b * n / sec:8.1f} tokens/s")
-        figures["batch_speedup"] = round(figures[f"batch{args.batch}_tokens_per_s"] / figures["batch1_tokens_per_s"], 2)
-    print("  " + "   ".join(f"{k} {figures[k]}x" for k in ("greedy_vs_hf", "vreason_vs_greedy", "vreason_k1_vs_greedy",
-                                                             "batch_speedup") if k in figures))
-    return figures
+
+def _time_batches(figures: dict[str, Any], run_of_batch, batch: int, n: int, repeats: int, device) -> None:
+    """tokens/s of V-Reason at batch 1 and at `batch` (`run_of_batch(b)` gives the run), and the speedup."""
+    for b in (1, batch):
+        sec, _ = _measure(run_of_batch(b), repeats, device)
+        figures[f"batch{b}_tokens_per_s"] = round(b * n / sec, 2)
+        print(f"  vreason batch {b:<3} {b * n / sec:8.1f} tokens/s")
+    figures["batch_speedup"] = round(figures[f"batch{batch}_tokens_per_s"] / figures["batch1_tokens_per_s"], 2)
 
 
 def run_precision(args) -> dict[str, Any]:
@@ -210,18 +229,6 @@ def run_precision(args) -> dict[str, Any]:
     prompts = [_prompt(lm32, 4 + i, args.max_pixels, i) for i in range(args.prompts or 4)]
     print(f"model: {lm32.name}; {len(prompts)} prompts, {n} tokens, k = 2; float32 vs {low_dtype} (same weights)")
 
-    def mean(xs):
-        xs = list(xs)
-        return statistics.fmean(xs) if xs else float("nan")
-
-    def shared(v, g):
-        """Per-token entropy differences up to and including the first token that differs."""
-        out = []
-        for a, b in zip(v, g):
-            k = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids) - 1)
-            out += [p - q for p, q in zip(a.entropy_post[: k + 1], b.entropy_post[: k + 1])]
-        return out
-
     figures: dict[str, Any] = {"model": lm32.name, "prompts": len(prompts), "new_tokens": n, "low_dtype": str(low_dtype)}
     for tag, lm in (("float32", lm32), (str(low_dtype).replace("torch.", ""), lm_low)):
         g = decode_batch(lm, prompts, _settings("greedy", n))
@@ -231,9 +238,9 @@ def run_precision(args) -> dict[str, Any]:
         for rule, lr in (("always_min", 1e-3), ("always_min", 1e-2), ("always_max", 1e-2)):
             v = decode_batch(lm, prompts, _settings("vreason", n, lr=lr, rule=rule))
             key = f"{tag}_{rule}_lr{lr:g}"
-            figures[f"{key}_dH"] = mean(x.entropy_post[i] for x in v for i in range(n)) - mean(
+            figures[f"{key}_dH"] = _mean(x.entropy_post[i] for x in v for i in range(n)) - _mean(
                 x.entropy_post[i] for x in g for i in range(n))
-            figures[f"{key}_dH_shared"] = mean(shared(v, g))
+            figures[f"{key}_dH_shared"] = _mean(_same_text_entropy_diffs(v, g))
             figures[f"{key}_unchanged"] = sum(a.token_ids == b.token_ids for a, b in zip(v, g))
             print(f"  {tag}: {rule} lr {lr:g}: mean dH {figures[f'{key}_dH']:+.5f} nats (same-text tokens "
                   f"{figures[f'{key}_dH_shared']:+.6f}), {figures[f'{key}_unchanged']}/{len(prompts)} outputs unchanged")
@@ -245,6 +252,20 @@ def run_precision(args) -> dict[str, Any]:
         print(f"  {tag}: switch lr 1e-3 k=1: {len(moves)} updates, {figures[f'{tag}_switch_updates_no_change']} change "
               f"nothing, median |dH| {figures[f'{tag}_switch_median_move']:.2e}")
     return figures
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def _same_text_entropy_diffs(v, g) -> list[float]:
+    """Per-token entropy differences up to and including the first token that differs."""
+    out = []
+    for a, b in zip(v, g):
+        k = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), len(a.token_ids) - 1)
+        out += [p - q for p, q in zip(a.entropy_post[: k + 1], b.entropy_post[: k + 1])]
+    return out
 
 
 def argparse_copy(args, **changes):

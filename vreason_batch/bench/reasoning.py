@@ -77,6 +77,12 @@ def run_reasoning_bench(args) -> dict[str, Any]:
             results[name] = (out, st)
             print(f"  repeat {rep + 1} {name:<10} {st.output_tokens / walls[name][-1]:8.1f} tokens/s  "
                   f"occupancy {st.occupancy:.3f}  steps {st.decode_steps}  wall {walls[name][-1]:.1f} s", flush=True)
+    _batching_figures(figures, walls, results, slots)
+    return figures
+
+
+def _batching_figures(figures: dict[str, Any], walls: dict[str, list[float]], results: dict, slots: int) -> None:
+    """Static vs continuous: each one's tokens/s, occupancy and steps, and their outputs compared, into `figures`."""
     for name in walls:
         out, st = results[name]
         figures[f"{name}_tokens_per_s"] = round(st.output_tokens / statistics.median(walls[name]), 2)
@@ -97,7 +103,6 @@ def run_reasoning_bench(args) -> dict[str, Any]:
           f"{figures['continuous_slot_occupancy_while_queued']} while rows waited): "
           f"{figures['continuous_vs_static']}x; answers {figures['answer_tokens_min_median_max']} tokens (min/median/max); "
           f"{figures['identical_outputs']}/{figures['rows']} outputs identical")
-    return figures
 
 
 def run_prefill_bench(args) -> dict[str, Any]:
@@ -150,16 +155,14 @@ def run_prefill_bench(args) -> dict[str, Any]:
                                "prompt_tokens": [len(r.inputs.input_ids) for r in reqs[: args.questions]]}
     print(f"model: {lm.name} {lm.dtype}; {args.videos} videos x {args.questions} questions x {len(modes)} modes; "
           f"{figures['video_tokens']} video tokens per prompt; median of {args.repeats}")
-    with torch.no_grad():
-        for name, fn in (("separate", separate), ("shared", shared)):
-            fn()  # warm-up
-        times: dict[str, list[float]] = {"separate": [], "shared": []}
-        stats = {}
-        for _ in range(args.repeats):
-            for name, fn in (("separate", separate), ("shared", shared)):
-                t = time.perf_counter()
-                stats[name] = fn()
-                times[name].append(time.perf_counter() - t)
+    times, stats = _time_prefills((("separate", separate), ("shared", shared)), args.repeats)
+    _prefill_figures(figures, times, stats)
+    return figures
+
+
+def _prefill_figures(figures: dict[str, Any], times: dict[str, list[float]], stats: dict) -> None:
+    """Separate vs shared: each one's prefill seconds, vision passes and prefill tokens, and the
+    speedup, into `figures`."""
     for name in times:
         st = stats[name]
         figures[f"{name}_prefill_s"] = round(statistics.median(times[name]), 4)
@@ -170,4 +173,21 @@ def run_prefill_bench(args) -> dict[str, Any]:
               f"prefill tokens {st.prefill_tokens}")
     figures["prefill_speedup"] = round(figures["separate_prefill_s"] / figures["shared_prefill_s"], 2)
     print(f"  shared prefill is {figures['prefill_speedup']}x faster")
-    return figures
+
+
+def _time_prefills(runs, repeats: int) -> tuple[dict[str, list[float]], dict]:
+    """Each (name, fn) of `runs` once to warm up, then `repeats` timed rounds, interleaved so the machine's
+    load hits every run alike -> ({name: seconds of each round}, {name: EngineStats of its last round})."""
+    import torch
+
+    with torch.no_grad():
+        for name, fn in runs:
+            fn()  # warm-up
+        times: dict[str, list[float]] = {name: [] for name, _ in runs}
+        stats = {}
+        for _ in range(repeats):
+            for name, fn in runs:
+                t = time.perf_counter()
+                stats[name] = fn()
+                times[name].append(time.perf_counter() - t)
+    return times, stats

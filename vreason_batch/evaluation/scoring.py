@@ -1,10 +1,10 @@
 """Answer extraction and scoring: choice letters, numbers (exact and MRA), free text.
 
-Pure functions on strings (the standard library, plus the problem types from schema). The model
+Pure functions on strings (the standard library, plus the problem types from io.schema). The model
 is prompted to answer inside `<answer>...</answer>`; when it does not, a fallback looks for the
 answer in the whole output.
 
-Scoring by problem type (`schema.PROBLEM_TYPES`):
+Scoring by problem type (`io.schema.PROBLEM_TYPES`):
 - multiple_choice: the option letters must be equal; score 1.0 / 0.0.
 - numerical: equal as numbers when both parse (3 == 3.0 == "3"), else equal as normalised strings.
 - regression: mean relative accuracy (MRA) as defined in the VSI-Bench paper,

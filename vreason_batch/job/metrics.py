@@ -1,4 +1,4 @@
-"""The model actors' metrics, where cluster operators look: Ray's Prometheus endpoint and dashboard.
+"""The model actors' metrics: exported to Ray's Prometheus endpoint for operators, collected for the run record.
 
 Recorded with `ray.util.metrics` in each model actor; Ray's metrics agent on every node exports
 them with the cluster's own metrics (scraped from each node's metrics export port, shown by the
@@ -7,12 +7,14 @@ The names below are the ones the code records; Prometheus sees them mangled by R
 prefix, `_total` after a counter, `_bucket` / `_sum` / `_count` after a histogram
 (`prometheus_names`), tagged by Ray with SessionName, NodeAddress and WorkerId besides ours. Ray
 2.60 exports a histogram's `_sum` from bucket midpoints, so sums and means are approximate; the
-run record's `actor_metrics` keeps the exact figures per actor and run.
+run record's `actor_metrics` keeps the exact figures per actor and run, each model actor's latest
+snapshot as the run's collector (`metrics_collector_class`, one Ray actor by the driver) holds it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 PROMETHEUS_PREFIX = "ray_"  # Ray's metrics agent exports every application metric in namespace "ray"
 
@@ -96,3 +98,32 @@ class ActorMetrics:
 
     def record_frame_wait(self, seconds: float) -> None:
         self._m[FRAME_WAIT_SECONDS.name].observe(seconds, tags={"actor": self.actor_id})
+
+
+def metrics_collector_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class MetricsCollector:
+        """Latest metrics snapshot of each model actor, for progress lines and the run record;
+        and the handles of the model actors started since the driver last took them."""
+
+        def __init__(self) -> None:
+            self.by_actor: dict[str, dict] = {}
+            self.actors: dict[str, Any] = {}
+
+        def register_actor(self, ray_actor_id: str, handle: Any) -> None:
+            self.actors[ray_actor_id] = handle
+
+        def take_actors(self) -> list:
+            """The registered model actor handles, forgotten here (so they no longer keep the actors alive)."""
+            taken, self.actors = list(self.actors.values()), {}
+            return taken
+
+        def record(self, actor_id: str, snapshot: dict) -> None:
+            self.by_actor[actor_id] = snapshot
+
+        def get(self) -> dict[str, dict]:
+            return self.by_actor
+
+    return MetricsCollector

@@ -1,8 +1,9 @@
 """The distributed job: manifest -> skip done -> video decode, once a video (CPU tasks) -> model actors -> Parquet.
 
 Ray Data does the scheduling, streaming and backpressure; this module builds the dataset from
-the stages and drives it. Planning is in `plan`, the stage functions in `stages`, the output
-store and run records in `results`.
+the stages and drives it. Planning is in `plan`, the stages in `stages` (`stages.video`, the
+video tasks; `stages.model`, the model actors), the output store and run records in `results`,
+the collector of the actors' metrics in `metrics`.
 
 Exactly-once: the driver is the sink. It takes result blocks from the stream as they arrive and
 writes whole objects named by their keys (`results.ResultSink`: every `rows_per_file` rows, or
@@ -20,9 +21,10 @@ from typing import Any
 
 from vreason_batch.config import Config
 from vreason_batch.job.lease import Lease, LeaseLost
+from vreason_batch.job.metrics import metrics_collector_class
 from vreason_batch.job.plan import RunPlan, input_blocks, new_run_id, plan_run
 from vreason_batch.job.results import ResultSink, RunResult, write_run_record
-from vreason_batch.job.stages import ModelStage, metrics_collector_class, model_batch_rows, model_needs_video, video_stage
+from vreason_batch.job.stages import ModelStage, model_batch_rows, model_needs_video, video_stage
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from vreason_batch.io.schema import OUTPUT_COLUMNS, OUTPUT_SCHEMA, SCHEMA_VERSIO
 if TYPE_CHECKING:
     from vreason_batch.job.plan import RunPlan
 
-# The run record's counts of work done, summed over the model actors' snapshots (stages.ModelStage)
+# The run record's counts of work done, summed over the model actors' snapshots (stages.model.ModelStage)
 WORK_COUNTS = ("video_decodes", "vision_encodes", "prefill_tokens")
 
 

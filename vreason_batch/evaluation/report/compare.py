@@ -25,18 +25,10 @@ import pyarrow as pa
 
 from vreason_batch.io import storage
 
+from .loading import _open_dataset
 from .plots import _matplotlib, _placeholder, _png
-from .summaries import (
-    ALL_DATASETS,
-    GREEDY,
-    SUMMARY_COLUMNS,
-    _mean,
-    _num,
-    _open_dataset,
-    _ordered_modes,
-    _Rows,
-    ema_curves,
-)
+from .rows import _Rows
+from .summaries import ALL_DATASETS, GREEDY, SUMMARY_COLUMNS, _mean, _num, _ordered_modes, ema_curves
 
 COMPARE_PLOTS = ("compare_ema_curves.png", "compare_accuracy_vs_tokens.png", "compare_tokens.png")
 WILSON_Z = 1.96  # 95%

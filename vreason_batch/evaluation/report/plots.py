@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .summaries import NO_DATASET, NUM_EXAMPLES, _failed, _floats, _lists, _ordered_modes, _strings
+from .rows import NO_DATASET, _failed, _floats, _lists, _strings
+from .summaries import NUM_EXAMPLES, _ordered_modes
 
 MODE_COLORS = {"greedy": "#4d4d4d", "vreason": "#1f77b4", "vreason_lite": "#2ca02c"}
 EXPLORE_COLOR = "#d62728"  # alpha = -1: the update pushes entropy up
@@ -145,9 +146,7 @@ def _alpha_runs(alpha: np.ndarray) -> list[tuple[int, int, int]]:
 
 
 def _plot_examples(examples: pa.Table, keys: list[tuple[str, str]]) -> bytes:
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-
+    """One row of panels per example sample, one column per mode: its entropy trace, EMA, peak and alpha strip."""
     Figure, Canvas = _matplotlib()
     modes = _ordered_modes(examples.column("mode").to_pylist()) if keys else []
     n_rows, n_cols = max(len(keys), 1), max(len(modes), 1)
@@ -188,36 +187,53 @@ def _plot_examples(examples: pa.Table, keys: list[tuple[str, str]]) -> bytes:
             if i is None or not (len(entropy[i]) or len(ema[i])):
                 ax.text(0.5, 0.5, "no trace", ha="center", va="center", transform=ax.transAxes, color="#666666")
                 continue
-            if len(entropy[i]):
-                ax.plot(entropy[i], color=color, alpha=0.45, linewidth=0.9)
-            if len(ema[i]):
-                ax.plot(ema[i], color=color, linewidth=2.2)
-            # The strip sits below the curves (see the y range set after plotting).
-            for start, stop, sign in _alpha_runs(alpha[i]):
-                ax.axvspan(
-                    start - 0.5, stop - 0.5, ymin=0.0, ymax=0.07, linewidth=0,
-                    color=EXPLORE_COLOR if sign < 0 else EXPLOIT_COLOR, alpha=0.8,
-                )
-            if np.isfinite(peak[i]):
-                ax.axvline(peak[i], color="black", linestyle="--", linewidth=1.2)
-            n = max(len(entropy[i]), len(ema[i]))
-            ax.set_xlim(-0.5, n - 0.5)
-            ax.set_title(f"{mode}: {n} tokens", fontsize=10)
-            ax.grid(alpha=0.25)
-    # One y range per row, fitted to the traces (entropy may vary in a narrow band far from 0),
-    # with room at the bottom for the alpha strip (drawn in axes coordinates, below 7%).
+            _plot_example_trace(ax, mode, color, entropy[i], ema[i], alpha[i], peak[i])
+    _fit_row_ylims(axes)
+    handles = _example_legend_handles()
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
+    return _png(fig)
+
+
+def _plot_example_trace(ax, mode: str, color: str, entropy: np.ndarray, ema: np.ndarray, alpha: np.ndarray,
+                        peak: float) -> None:
+    """One sample's panel in one mode: entropy, its EMA, the alpha strip and the EMA peak."""
+    if len(entropy):
+        ax.plot(entropy, color=color, alpha=0.45, linewidth=0.9)
+    if len(ema):
+        ax.plot(ema, color=color, linewidth=2.2)
+    # The strip sits below the curves (see the y range set after plotting).
+    for start, stop, sign in _alpha_runs(alpha):
+        ax.axvspan(
+            start - 0.5, stop - 0.5, ymin=0.0, ymax=0.07, linewidth=0,
+            color=EXPLORE_COLOR if sign < 0 else EXPLOIT_COLOR, alpha=0.8,
+        )
+    if np.isfinite(peak):
+        ax.axvline(peak, color="black", linestyle="--", linewidth=1.2)
+    n = max(len(entropy), len(ema))
+    ax.set_xlim(-0.5, n - 0.5)
+    ax.set_title(f"{mode}: {n} tokens", fontsize=10)
+    ax.grid(alpha=0.25)
+
+
+def _fit_row_ylims(axes) -> None:
+    """One y range per row, fitted to the traces (entropy may vary in a narrow band far from 0),
+    with room at the bottom for the alpha strip (drawn in axes coordinates, below 7%)."""
     for row_axes in axes:
         lo = min(ax.get_ylim()[0] for ax in row_axes)
         hi = max(ax.get_ylim()[1] for ax in row_axes)
         span = max(hi - lo, 1e-3)
         for ax in row_axes:
             ax.set_ylim(lo - 0.12 * span, hi)
-    handles = [
+
+
+def _example_legend_handles() -> list:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    return [
         Line2D([], [], color="#777777", alpha=0.6, linewidth=0.9, label="entropy H_t"),
         Line2D([], [], color="#777777", linewidth=2.2, label="EMA of H_t"),
         Line2D([], [], color="black", linestyle="--", label="EMA peak (controller)"),
         Patch(color=EXPLORE_COLOR, label="alpha = -1 (raise entropy)"),
         Patch(color=EXPLOIT_COLOR, label="alpha = +1 (lower entropy)"),
     ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=9, frameon=False)
-    return _png(fig)

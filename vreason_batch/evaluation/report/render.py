@@ -11,8 +11,9 @@ import pyarrow.compute as pc
 
 from vreason_batch.io import storage
 
+from .loading import _open_dataset
 from .plots import _pick_examples, _plot_ema_curves, _plot_examples, _plot_tokens_hist
-from .summaries import ALL_DATASETS, EXAMPLE_COLUMNS, SUMMARY_COLUMNS, _open_dataset, ema_curves, summarize
+from .summaries import ALL_DATASETS, EXAMPLE_COLUMNS, SUMMARY_COLUMNS, ema_curves, summarize
 
 # ---------------------------------------------------------------------------------------------
 # Markdown / HTML

@@ -1,9 +1,9 @@
-"""The report's numbers: loading the Parquet output, per-row values, summaries, EMA curves.
+"""The report's numbers: summaries per dataset and mode, and EMA curves, from result rows.
 
-`load_results` reads every result file under a local directory or s3:// prefix (also while a run
-is still writing shards), `summarize` turns the rows into a JSON-serialisable dict per dataset and
-mode, `ema_curves` gives the mean EMA-entropy curve over normalised decoding time (the paper's
-figure). Plots live in `plots`, the pages in `render`, the comparison of runs in `compare`.
+`summarize` turns the rows into a JSON-serialisable dict per dataset and mode, `ema_curves` gives
+the mean EMA-entropy curve over normalised decoding time (the paper's figure). Reading the output
+is in `loading`, the per-row values in `rows`, plots in `plots`, the pages in `render`, the
+comparison of runs in `compare`.
 
 Conventions used throughout:
 - Failed rows (`error_type` or `error` set) are counted, then left out of every other metric.
@@ -17,22 +17,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from vreason_batch.io import storage
 from vreason_batch.engine.modes import MODE_NAMES
-from vreason_batch.io.outputs import is_result_path
-from vreason_batch.io.schema import OUTPUT_SCHEMA
+
+from .rows import _failed, _lists, _Rows, _strings
 
 GREEDY = "greedy"
 # Known modes first, in this order, in every table and plot; any other mode follows sorted.
 MODE_ORDER = MODE_NAMES  # the decoding modes' registry, in registration order
-NO_DATASET = "(none)"
 ALL_DATASETS = "all"
 
 # Columns `summarize` reads. The per-token `entropy` / `entropy_post` traces and the texts are
@@ -68,165 +64,6 @@ EXAMPLE_COLUMNS = (
     "error",
 )
 NUM_EXAMPLES = 3
-
-
-
-class NoResults(FileNotFoundError):
-    """No Parquet result file under the given location."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
-def _result_files(uri: str) -> tuple[Any, list[str]]:
-    """(pyarrow filesystem, sorted Parquet paths) under `uri`, skipping `_*` and `.*` files and dirs.
-
-    Run records (`_run.json`, completion markers) and temporary files of shards being written
-    live under such names; a temp file is a half-written Parquet file and must never be read.
-    """
-    import pyarrow.fs as pafs
-
-    fs, base = storage.pyarrow_fs(uri)
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.File:
-        return fs, [base] if base.endswith(".parquet") else []
-    selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
-    paths = []
-    for entry in fs.get_file_info(selector):
-        if entry.type == pafs.FileType.File and is_result_path(entry.path[len(base) :].lstrip("/")):
-            paths.append(entry.path)
-    return fs, sorted(paths)
-
-
-def _open_dataset(uri: str):
-    import pyarrow.dataset as pads
-
-    fs, paths = _result_files(uri)
-    if not paths:
-        raise NoResults(
-            f"no Parquet result files under {uri} (is the output URI right? has the run written a shard"
-            " yet? files and folders whose names start with '_' or '.' are skipped)"
-        )
-    # The explicit schema makes every shard read alike: a column missing from one file is null.
-    return pads.dataset(paths, schema=OUTPUT_SCHEMA, format="parquet", filesystem=fs)
-
-
-def load_results(uri: str, columns: list[str] | tuple[str, ...] | None = None) -> pa.Table:
-    """Every result row under a local directory or s3:// prefix (or one .parquet file) as one table.
-
-    Works on a run that is still writing: the shards written so far are read. Raises `NoResults`
-    when there is no result file at all. `columns` limits the columns read (default: all).
-    """
-    return _open_dataset(uri).to_table(columns=list(columns) if columns is not None else None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-row values as numpy
-
-
-def _floats(table: pa.Table, name: str) -> np.ndarray:
-    """A numeric or bool column as float64, NaN where null."""
-    return table.column(name).cast(pa.float64()).to_numpy(zero_copy_only=False)
-
-
-def _lists(table: pa.Table, name: str, dtype) -> list[np.ndarray]:
-    """A list column as one numpy array per row (empty where null), without a Python float per value."""
-    col = table.column(name)
-    arr = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if len(arr) == 0:
-        return []
-    offsets = arr.offsets.to_numpy()
-    # `values` is the whole child array even for a sliced list array; offsets index into it.
-    values = arr.values.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
-    valid = arr.is_valid().to_numpy(zero_copy_only=False)
-    empty = np.zeros(0, dtype=dtype)
-    return [values[offsets[i] : offsets[i + 1]] if valid[i] else empty for i in range(len(arr))]
-
-
-def _strings(table: pa.Table, name: str) -> list[str | None]:
-    return table.column(name).to_pylist()
-
-
-def _failed(table: pa.Table) -> np.ndarray:
-    """Rows that failed: either error column set (the writer sets both; one is enough here)."""
-    either = pc.or_(pc.is_valid(table.column("error_type")), pc.is_valid(table.column("error")))
-    return either.to_numpy(zero_copy_only=False).astype(bool)
-
-
-def _alpha_switches(alpha: np.ndarray) -> int:
-    """Sign changes between consecutive updates (alpha == 0 marks steps without an update)."""
-    signs = alpha[alpha != 0]
-    return int(np.count_nonzero(signs[1:] != signs[:-1]))
-
-
-def _norm_time(step: float, n: int) -> float:
-    return step / (n - 1) if n > 1 else 0.0
-
-
-@dataclass
-class _Rows:
-    """The columns the summary needs, one entry per row, plus per-row derived values."""
-
-    dataset: list[str]
-    mode: list[str]
-    sample_id: list[str]
-    error_type: list[str | None]  # None on rows that did not fail
-    failed: np.ndarray  # bool
-    correct: np.ndarray  # 1.0 / 0.0 / NaN
-    score: np.ndarray
-    n_out: np.ndarray
-    n_think: np.ndarray
-    latency_s: np.ndarray
-    updates: np.ndarray
-    final_ema: np.ndarray  # last EMA value, NaN for an empty trace
-    peak_pos: np.ndarray  # 0..1, NaN where the peak was never passed
-    peak_height: np.ndarray
-    alpha_switches: np.ndarray  # NaN where there is no alpha trace
-
-    @classmethod
-    def from_table(cls, table: pa.Table) -> _Rows:
-        n = table.num_rows
-        failed = _failed(table)
-        n_out = _floats(table, "num_output_tokens")
-        peak_step = _floats(table, "ema_peak_step")
-        ema = _lists(table, "entropy_ema", np.float64)
-        alpha = _lists(table, "alpha", np.int8)
-        has_alpha = table.column("alpha").is_valid().to_numpy(zero_copy_only=False)
-        final_ema = np.full(n, np.nan)
-        peak_pos = np.full(n, np.nan)
-        peak_height = np.full(n, np.nan)
-        switches = np.full(n, np.nan)
-        for i in range(n):
-            if len(ema[i]):
-                final_ema[i] = ema[i][-1]
-            if not math.isnan(peak_step[i]):
-                step = int(peak_step[i])
-                # Normalise by the trace length; a row without a trace falls back to its token count.
-                length = len(ema[i]) or (0 if math.isnan(n_out[i]) else int(n_out[i]))
-                if 0 <= step < length:
-                    peak_pos[i] = _norm_time(step, length)
-                if 0 <= step < len(ema[i]):
-                    peak_height[i] = ema[i][step]
-            if has_alpha[i]:
-                switches[i] = _alpha_switches(alpha[i])
-        return cls(
-            dataset=[d or NO_DATASET for d in _strings(table, "dataset")],
-            mode=_strings(table, "mode"),
-            sample_id=_strings(table, "sample_id"),
-            error_type=[(t or "(unknown)") if f else None for t, f in zip(_strings(table, "error_type"), failed)],
-            failed=failed,
-            correct=_floats(table, "correct"),
-            score=_floats(table, "score"),
-            n_out=n_out,
-            n_think=_floats(table, "num_think_tokens"),
-            latency_s=_floats(table, "latency_s"),
-            updates=_floats(table, "controller_updates"),
-            final_ema=final_ema,
-            peak_pos=peak_pos,
-            peak_height=peak_height,
-            alpha_switches=switches,
-        )
 
 
 # ---------------------------------------------------------------------------------------------

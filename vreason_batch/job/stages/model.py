@@ -1,10 +1,8 @@
-"""The stages of the job, run in Ray workers: plain functions and one actor class, testable without Ray.
+"""The model stage (GPU actors): stage rows -> one output row per (sample, mode), a result or an error row.
 
-block of samples (the plan keeps each video's samples in one block) -> `video_stage` (CPU tasks:
-each distinct video decoded once, its frames sampled and resized; one stage row per video,
-carrying its frames once and the list of its samples with their pending modes) -> `ModelStage`
-(GPU actors: one request per sample with all its modes, one engine call per actor call; one
-output row per (sample, mode) in OUTPUT_SCHEMA, a result or an error row).
+`ModelStage` makes one request per sample with all its modes and one engine call per actor call;
+`model_needs_video` and `model_batch_rows` tell the pipeline whether the video stage decodes
+frames and how many stage rows one actor call takes.
 """
 
 from __future__ import annotations
@@ -15,16 +13,13 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from vreason_batch.config import Config, VideoConfig
+from vreason_batch.config import Config
 from vreason_batch.job.metrics import ActorMetrics
 from vreason_batch.io.schema import SCHEMA_VERSION, empty_row, rows_to_table
 
 log = logging.getLogger(__name__)
 
 FAULT_ENV = "VREASON_BATCH_FAULT_ONCE"  # tests: path of a marker; a model actor dies once
-# A sample's fields in a stage row (the plan's columns less the video, which the row holds once)
-SAMPLE_FIELDS = ("sample_id", "question", "dataset", "options", "answer_gt", "problem_type", "error_type", "error",
-                 "modes")
 # The engine's counts a model actor adds up and reports (EngineStats fields), besides video_decodes
 ENGINE_COUNTS = ("vision_encodes", "prefill_tokens", "decode_steps", "busy_slot_steps", "slot_steps")
 
@@ -48,106 +43,6 @@ def model_batch_rows(cfg: Config, num_samples: int, num_videos: int) -> int:
         return bs  # one sample a row
     per_row = min(float(bs), num_samples / num_videos)
     return max(1, round(bs / per_row))
-
-
-def video_groups(samples: list[dict], needs_video: bool) -> list[list[dict]]:
-    """The samples of a block grouped by video, videos in order of their first sample.
-
-    Samples without a video (text questions), or all samples when the model reads no frames,
-    share nothing: a group of one each.
-    """
-    groups: list[list[dict]] = []
-    by_video: dict[str, list[dict]] = {}
-    for s in samples:
-        v = s.get("video")
-        if needs_video and v:
-            if v not in by_video:
-                by_video[v] = []
-                groups.append(by_video[v])
-            by_video[v].append(s)
-        else:
-            groups.append([s])
-    return groups
-
-
-def load_video(video: str, vc: VideoConfig) -> dict[str, Any]:
-    """Decode, sample and resize one video's frames (CPU): a stage row's video fields, or its error."""
-    import torch
-
-    from vreason_batch.engine.prompting import resize_frames, smart_resize
-    from vreason_batch.io.video import VideoError, load_clip
-
-    try:
-        clip = load_clip(video, vc)
-        # resize here, on the CPU workers, so model actors get frames ready to patchify;
-        # 28 = patch 14 x merge 2, shared by every Qwen2-VL / Qwen2.5-VL checkpoint
-        h, w = smart_resize(clip.frame_height, clip.frame_width, 28, vc.min_pixels, vc.max_pixels)
-        frames = resize_frames(clip.frames, h, w).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
-    except VideoError as e:
-        return {"error_type": e.error_type, "error": str(e)}
-    except ValueError as e:  # e.g. smart_resize on an absurd aspect ratio
-        return {"error_type": "video_unreadable", "error": f"{video}: {e}"}
-    return dict(frames=frames.tobytes(), frames_shape=list(frames.shape), **clip.row_fields())  # frames [T, H, W, 3] uint8
-
-
-def video_rows(group: list[dict], vc: VideoConfig, needs_video: bool, max_samples_per_row: int) -> list[dict]:
-    """One video's samples (plan rows) -> its stage rows: the video decoded once (unless no sample
-    can use it), its frames in each row, at most `max_samples_per_row` samples a row.
-
-    A video with more samples than that is carried in several rows (frames repeated once per
-    `max_samples_per_row` samples), so one model-actor call stays about runtime.batch_size samples.
-    `video_decodes` is 1 on the first row of a decoded video (failed decodes included), else 0.
-    """
-    video = group[0].get("video")
-    row: dict[str, Any] = dict(
-        video=video, error_type=None, error=None, frames=b"", frames_shape=[], frame_indices=[], video_fps=None,
-        sampled_fps=None, video_duration_s=None, media_type=None if needs_video else "text", video_decodes=0,
-    )
-    if needs_video and any(not s.get("error_type") for s in group):
-        row.update(load_video(video, vc), video_decodes=1)
-    samples = [{k: s.get(k) for k in SAMPLE_FIELDS} for s in group]
-    n = max_samples_per_row
-    return [{**row, "samples": samples[i:i + n], "video_decodes": row["video_decodes"] if i == 0 else 0}
-            for i in range(0, len(samples), n)]
-
-
-def stage_schema():
-    """The Arrow schema of rows between the video stage and the model actors: one video (its frames
-    once, or its error) and the samples asking about it. Internal; not a user contract."""
-    import pyarrow as pa
-
-    text, ints, num, texts = pa.string(), pa.list_(pa.int64()), pa.float64(), pa.list_(pa.string())
-    sample = pa.struct([(f, texts if f in ("options", "modes") else text) for f in SAMPLE_FIELDS])
-    return pa.schema([
-        ("video", text), ("error_type", text), ("error", text),  # the video's error: every sample of the row gets it
-        ("frames", pa.binary()), ("frames_shape", ints), ("frame_indices", ints), ("video_fps", num),
-        ("sampled_fps", num), ("video_duration_s", num), ("media_type", text), ("video_decodes", pa.int64()),
-        ("samples", pa.list_(sample)),
-    ])
-
-
-def video_stage(block, video_cfg: dict, needs_video: bool, max_samples_per_row: int):
-    """A block of pending samples (plan_schema) -> stage rows: each distinct video decoded once.
-
-    A generator over the whole block: each video's rows are yielded as soon as it is decoded, so
-    model actors start while the task goes on; rows without frames (errors, text questions) are
-    small and go on together at the end, so a block of missing videos costs Ray one output block,
-    not one per sample. What is yielded depends only on the block's content, as Ray's replay of a
-    retried generator task requires.
-    """
-    import pyarrow as pa
-
-    schema = stage_schema()
-    vc = VideoConfig(**video_cfg)
-    light: list[dict] = []
-    for group in video_groups(block.to_pylist(), needs_video):
-        rows = video_rows(group, vc, needs_video, max_samples_per_row)
-        if rows[0]["frames_shape"]:
-            yield pa.Table.from_pylist(rows, schema=schema)
-        else:
-            light.extend(rows)
-    if light:
-        yield pa.Table.from_pylist(light, schema=schema)
 
 
 def _sample_row(row: dict, base: dict) -> dict:
@@ -408,32 +303,3 @@ def _register_with_driver(metrics_actor: Any) -> None:
 
     ctx = ray.get_runtime_context()
     ray.get(metrics_actor.register_actor.remote(ctx.get_actor_id(), ctx.current_actor))
-
-
-def metrics_collector_class():
-    import ray
-
-    @ray.remote(num_cpus=0)
-    class MetricsCollector:
-        """Latest metrics snapshot of each model actor, for progress lines and the run record;
-        and the handles of the model actors started since the driver last took them."""
-
-        def __init__(self) -> None:
-            self.by_actor: dict[str, dict] = {}
-            self.actors: dict[str, Any] = {}
-
-        def register_actor(self, ray_actor_id: str, handle: Any) -> None:
-            self.actors[ray_actor_id] = handle
-
-        def take_actors(self) -> list:
-            """The registered model actor handles, forgotten here (so they no longer keep the actors alive)."""
-            taken, self.actors = list(self.actors.values()), {}
-            return taken
-
-        def record(self, actor_id: str, snapshot: dict) -> None:
-            self.by_actor[actor_id] = snapshot
-
-        def get(self) -> dict[str, dict]:
-            return self.by_actor
-
-    return MetricsCollector
