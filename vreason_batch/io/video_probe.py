@@ -1,0 +1,147 @@
+"""Which reader decodes a video: the file's container, codec and frame size read with PyAV
+(header only, no frame decoded), and the rule that picks decord or PyAV for `video.backend: auto`.
+
+The rule follows what was measured with decord 0.6.0 (tests/io/test_video_backends.py keeps it
+honest): decord is right and fast on H.264 / HEVC / VP9 / MPEG-4 ... in mp4 / mov / mkv / webm /
+avi, but its seek lands on other frames in MPEG transport and program streams, it has no AV1
+decoder, and its RGB copy fails on some narrow frames (8, 12, 16, 24, 48 and 72 pixels wide).
+"""
+
+from __future__ import annotations
+
+import io
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from vreason_batch.io.clip import VideoError, short_message
+
+# Containers whose timestamps decord 0.6 does not seek by correctly (FFmpeg demuxer names).
+UNSEEKABLE_FOR_DECORD = ("mpegts", "mpeg", "mpegvideo")
+# Codecs (FFmpeg canonical names) decord 0.6 decodes right; any other codec goes to PyAV.
+DECORD_CODECS = frozenset({
+    "h264", "hevc", "vp8", "vp9", "mpeg4", "msmpeg4v2", "msmpeg4v3", "h263", "mjpeg", "prores", "ffv1",
+    "mpeg1video", "mpeg2video", "wmv3", "vc1", "theora", "dnxhd", "rawvideo", "huffyuv", "utvideo",
+})
+# Frames narrower or lower than this go to PyAV: decord fails on some small widths (see above), and
+# PyAV is as fast as decord at that size.
+DECORD_MIN_SIDE = 80
+
+
+@dataclass(frozen=True)
+class Probe:
+    """What the container's header says about its first video stream."""
+
+    container: str  # FFmpeg demuxer name, e.g. "mov,mp4,m4a,3gp,3g2,mj2", "mpegts", "matroska,webm"
+    codec: str  # FFmpeg canonical codec name, e.g. "h264", "av1"
+    height: int  # stored size (before any display rotation)
+    width: int
+
+    @property
+    def is_mov(self) -> bool:
+        return self.container.startswith("mov")
+
+    @property
+    def is_matroska(self) -> bool:
+        return self.container.startswith("matroska")
+
+
+def import_av() -> Any:
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError("video decoding needs PyAV: pip install 'av>=14'") from e
+    return av
+
+
+@contextmanager
+def ffmpeg_logs(av: Any) -> Iterator[list[tuple[int, str, str]]]:
+    """FFmpeg's log lines while PyAV works, kept in a list instead of reaching Python's logging.
+
+    Decoder chatter ("co located POCs unavailable" and the like) would otherwise fill the job's
+    log once anything turns PyAV's logging on. With PyAV's default (silent), errors are let
+    through to this list only, for the message of a video that fails. All threads' lines are
+    collected: FFmpeg's frame threads log from threads of their own.
+    """
+    silent = av.logging.get_level() is None
+    if silent:
+        av.logging.set_level(av.logging.ERROR)
+    try:
+        with av.logging.Capture(local=False) as logs:
+            yield logs
+    finally:
+        if silent:
+            av.logging.set_level(None)
+
+
+def ffmpeg_message(av: Any, exc: BaseException, logs: list[tuple[int, str, str]]) -> str:
+    """PyAV's error, shortened, with the last error line FFmpeg logged unless PyAV quoted it already."""
+    text = short_message(exc)
+    errors = [f"{name}: {message.strip()}" for level, name, message in logs if level <= av.logging.ERROR]
+    if errors and errors[-1].split(": ", 1)[-1] not in str(exc):
+        text += f"; FFmpeg said: {errors[-1]}"
+    return text
+
+
+def open_container(av: Any, source: str | bytes) -> Any:
+    """An input container on a local path or on an object's bytes (a fresh file object each time)."""
+    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r")
+
+
+def _stream_list(container: Any) -> str:
+    kinds = [f"{s.type} ({s.codec_context.name if s.codec_context else '?'})" for s in container.streams]
+    return ", ".join(kinds) or "none"
+
+
+def probe(uri: str, source: str | bytes) -> Probe:
+    """The first video stream's container, codec and size, or VideoError("video_unreadable") for a
+    file FFmpeg cannot open or one without a video stream (an audio-only .m4a, say)."""
+    av = import_av()
+    with ffmpeg_logs(av) as logs:
+        try:
+            with open_container(av, source) as container:
+                if not container.streams.video:
+                    raise VideoError(
+                        "video_unreadable",
+                        f"video {uri}: has no video stream (streams: {_stream_list(container)})",
+                    )
+                stream = container.streams.video[0]
+                codec = stream.codec_context.codec
+                return Probe(
+                    container=container.format.name,
+                    codec=codec.canonical_name or codec.name,
+                    height=int(stream.codec_context.height),
+                    width=int(stream.codec_context.width),
+                )
+        except av.error.FFmpegError as e:
+            raise VideoError(
+                "video_unreadable", f"video {uri}: cannot be opened ({ffmpeg_message(av, e, logs)})"
+            ) from None
+
+
+def choose_backend(found: Probe, requested: str) -> tuple[str, str]:
+    """(backend, why) for a probed video: `requested` unless it is "auto"."""
+    if requested != "auto":
+        return requested, "video.backend"
+    if found.container in UNSEEKABLE_FOR_DECORD:
+        return "pyav", f"{found.container} container: decord's seek lands on other frames"
+    if found.codec not in DECORD_CODECS:
+        return "pyav", f"codec {found.codec}: not one decord is known to decode right"
+    if min(found.height, found.width) < DECORD_MIN_SIDE:
+        return "pyav", f"{found.width}x{found.height} frames: decord fails on some small sizes"
+    return "decord", "decord reads this container and codec right"
+
+
+def first_frame_rotation(source: str | bytes) -> int:
+    """The display rotation (counter-clockwise degrees) of the first video frame, 0 if none.
+
+    Decodes one frame: PyAV hands the display matrix over with decoded frames only.
+    """
+    av = import_av()
+    with ffmpeg_logs(av):
+        try:
+            with open_container(av, source) as container:
+                frame = next(container.decode(container.streams.video[0]), None)
+                return int(frame.rotation) if frame is not None else 0
+        except (av.error.FFmpegError, IndexError):
+            return 0  # the reader that decodes the video reports what is wrong with it
