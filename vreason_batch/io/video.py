@@ -51,7 +51,8 @@ def sniff_container(head: bytes) -> str | None:
         return "asf/wmv"
     if head.startswith(b"\x00\x00\x01\xba") or head.startswith(b"\x00\x00\x01\xb3"):
         return "mpeg-ps"
-    if head[:1] == b"\x47" and (len(head) <= 188 or head[188:189] == b"\x47"):
+    # Two sync bytes 188 apart: one "G" alone is also how a GIF starts.
+    if head[:1] == b"\x47" and head[188:189] == b"\x47":
         return "mpeg-ts"
     if head[4:5] == b"\x47" and len(head) > 196 and head[196:197] == b"\x47":
         return "mpeg-ts (m2ts)"  # 192-byte packets: a 4-byte timestamp before each (camcorders, Blu-ray)

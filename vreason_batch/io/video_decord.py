@@ -19,6 +19,10 @@ from vreason_batch.io.clip import (
 )
 from vreason_batch.io.video_probe import Probe, first_frame_rotation
 
+# Frame widths at which decord 0.6.0's RGB copy fails (measured on every even width 8..418 and
+# 640..1920, at several heights: the width alone decides). A downscale avoids them.
+DECORD_BAD_WIDTHS = frozenset({8, 12, 16, 24, 48, 72})
+
 
 def import_decord() -> Any:
     try:
@@ -67,6 +71,8 @@ def load_decord(uri: str, source: str | bytes, found: Probe, cfg: VideoConfig) -
 
     indices = sample_indices(total, video_fps, cfg)
     size = decode_size(height, width, cfg.max_pixels)  # in decord's output orientation
+    if size is not None and size[1] in DECORD_BAD_WIDTHS:
+        size = (size[0], size[1] + 2)
     try:
         if size is not None:
             reader = _reader(decord, source, height=size[0], width=size[1])

@@ -44,6 +44,7 @@ def _frame_rate(im: Any) -> float:
     total_ms = 0.0
     for i in range(im.n_frames):
         im.seek(i)
+        im.load()  # WebP sets a frame's duration when the frame is loaded
         delay = float(im.info.get("duration") or 0)
         total_ms += delay if delay > MIN_FRAME_DELAY_MS else DEFAULT_FRAME_DELAY_MS
     return im.n_frames / (total_ms / 1000.0)

@@ -55,32 +55,23 @@ def import_av() -> Any:
 
 
 @contextmanager
-def ffmpeg_logs(av: Any) -> Iterator[list[tuple[int, str, str]]]:
-    """FFmpeg's log lines while PyAV works, kept in a list instead of reaching Python's logging.
+def quiet_ffmpeg(av: Any) -> Iterator[None]:
+    """FFmpeg's log lines switched off while PyAV works, whatever PyAV's logging level is.
 
     Decoder chatter ("co located POCs unavailable" and the like) would otherwise fill the job's
-    log once anything turns PyAV's logging on. With PyAV's default (silent), errors are let
-    through to this list only, for the message of a video that fails. All threads' lines are
-    collected: FFmpeg's frame threads log from threads of their own.
+    log once anything turns PyAV's logging on. Off, not captured: with logging on, FFmpeg's frame
+    threads call into Python to log, and closing a container then deadlocks (the closing thread
+    holds the GIL while it waits for them; seen with PyAV 18). A decode error still raises, with
+    FFmpeg's error text, and that goes to the row. Process-wide for its duration.
     """
-    silent = av.logging.get_level() is None
-    if silent:
-        av.logging.set_level(av.logging.ERROR)
+    level = av.logging.get_level()
+    if level is not None:
+        av.logging.set_level(None)
     try:
-        with av.logging.Capture(local=False) as logs:
-            yield logs
+        yield
     finally:
-        if silent:
-            av.logging.set_level(None)
-
-
-def ffmpeg_message(av: Any, exc: BaseException, logs: list[tuple[int, str, str]]) -> str:
-    """PyAV's error, shortened, with the last error line FFmpeg logged unless PyAV quoted it already."""
-    text = short_message(exc)
-    errors = [f"{name}: {message.strip()}" for level, name, message in logs if level <= av.logging.ERROR]
-    if errors and errors[-1].split(": ", 1)[-1] not in str(exc):
-        text += f"; FFmpeg said: {errors[-1]}"
-    return text
+        if level is not None:
+            av.logging.set_level(level)
 
 
 def open_container(av: Any, source: str | bytes) -> Any:
@@ -97,7 +88,7 @@ def probe(uri: str, source: str | bytes) -> Probe:
     """The first video stream's container, codec and size, or VideoError("video_unreadable") for a
     file FFmpeg cannot open or one without a video stream (an audio-only .m4a, say)."""
     av = import_av()
-    with ffmpeg_logs(av) as logs:
+    with quiet_ffmpeg(av):
         try:
             with open_container(av, source) as container:
                 if not container.streams.video:
@@ -115,7 +106,7 @@ def probe(uri: str, source: str | bytes) -> Probe:
                 )
         except av.error.FFmpegError as e:
             raise VideoError(
-                "video_unreadable", f"video {uri}: cannot be opened ({ffmpeg_message(av, e, logs)})"
+                "video_unreadable", f"video {uri}: cannot be opened ({short_message(e)})"
             ) from None
 
 
@@ -138,7 +129,7 @@ def first_frame_rotation(source: str | bytes) -> int:
     Decodes one frame: PyAV hands the display matrix over with decoded frames only.
     """
     av = import_av()
-    with ffmpeg_logs(av):
+    with quiet_ffmpeg(av):
         try:
             with open_container(av, source) as container:
                 frame = next(container.decode(container.streams.video[0]), None)

@@ -9,8 +9,8 @@ is returned. A seek has to land on its keyframe: one that lands after it is trie
 non-intra packets) backs off to the keyframe before, and in the end the file is decoded from its
 start. A stream whose packets carry no pts is decoded from the start and its frames counted.
 
-FFmpeg's log lines are captured while PyAV works (never passed to Python's logging, so they do
-not reach the job log), and the last error line joins the message of a video that fails.
+FFmpeg's log lines are switched off while PyAV works (video_probe.quiet_ffmpeg), so they never
+reach the job log; a decode error still raises, and its text goes to the row.
 """
 
 from __future__ import annotations
@@ -24,8 +24,9 @@ import numpy as np
 from vreason_batch.config import VideoConfig
 from vreason_batch.io.clip import (
     VideoClip, VideoError, check_frame_rate, check_source_size, decode_size, make_clip, rotate, sample_indices,
+    short_message,
 )
-from vreason_batch.io.video_probe import ffmpeg_logs, ffmpeg_message, import_av, open_container
+from vreason_batch.io.video_probe import import_av, open_container, quiet_ffmpeg
 
 # Keyframes tried before a frame (nearest first) before decoding it from the file's start.
 MAX_SEEK_BACKOFFS = 3
@@ -285,10 +286,10 @@ def load_pyav(uri: str, source: str | bytes, cfg: VideoConfig, counts: dict[str,
     the file's start.
     """
     av = import_av()
-    with ffmpeg_logs(av) as logs:
+    with quiet_ffmpeg(av):
         try:
             return _sample(av, uri, source, cfg, {} if counts is None else counts)
         except (av.error.FFmpegError, ValueError) as e:
             raise VideoError(
-                "video_unreadable", f"video {uri}: cannot be decoded ({ffmpeg_message(av, e, logs)})"
+                "video_unreadable", f"video {uri}: cannot be decoded ({short_message(e)})"
             ) from None
