@@ -158,7 +158,8 @@ class VideoConfig(_Strict):
     )
     backend: Literal["auto", "decord", "pyav"] = Field(
         "auto", description="video decoder: `decord`, `pyav` (frame-accurate on every container), or `auto`: "
-        "PyAV for MPEG-TS / PS, codecs decord lacks (AV1) and frames under 80 pixels a side, decord elsewhere, "
+        "PyAV for MPEG-TS / PS, AV1 and codecs decord was not found right on, frames under 80 pixels a side; "
+        "decord for H.264 / HEVC / VP9 / MPEG-4 / MJPEG / ProRes / FFV1 elsewhere, "
         "PyAV again when decord fails on a file (the file is probed, not its name); images and animated "
         "GIF / WebP are read with Pillow whatever this says",
     )

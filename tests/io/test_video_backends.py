@@ -206,16 +206,16 @@ def _probe(container="mov,mp4,m4a,3gp,3g2,mj2", codec="h264", width=1280, height
 
 
 def test_auto_chooses_by_what_the_file_is():
-    assert choose_backend(_probe(), "auto")[0] == "decord"
-    assert choose_backend(_probe(container="matroska,webm", codec="vp9"), "auto")[0] == "decord"
-    assert choose_backend(_probe(container="mpegts"), "auto")[0] == "pyav"
-    assert choose_backend(_probe(container="mpeg", codec="mpeg2video"), "auto")[0] == "pyav"
-    assert choose_backend(_probe(codec="av1"), "auto")[0] == "pyav"
-    assert choose_backend(_probe(codec="some_new_codec"), "auto")[0] == "pyav"
-    assert choose_backend(_probe(width=16, height=16), "auto")[0] == "pyav"
+    assert choose_backend(_probe(), "auto") == "decord"
+    assert choose_backend(_probe(container="matroska,webm", codec="vp9"), "auto") == "decord"
+    assert choose_backend(_probe(container="mpegts"), "auto") == "pyav"
+    assert choose_backend(_probe(container="mpeg", codec="mpeg2video"), "auto") == "pyav"
+    assert choose_backend(_probe(codec="av1"), "auto") == "pyav"
+    assert choose_backend(_probe(codec="some_new_codec"), "auto") == "pyav"
+    assert choose_backend(_probe(width=16, height=16), "auto") == "pyav"
     # a backend named in the config is used as it is
-    assert choose_backend(_probe(container="mpegts"), "decord")[0] == "decord"
-    assert choose_backend(_probe(), "pyav")[0] == "pyav"
+    assert choose_backend(_probe(container="mpegts"), "decord") == "decord"
+    assert choose_backend(_probe(), "pyav") == "pyav"
 
 
 def test_auto_falls_back_to_pyav_when_decord_fails(tmp_path, monkeypatch):

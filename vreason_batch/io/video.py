@@ -127,8 +127,7 @@ def load_clip(uri: str, cfg: VideoConfig) -> VideoClip:
     if kind == "image":
         return load_image(uri, source, cfg)
     found = probe(uri, source)
-    backend, _why = choose_backend(found, cfg.backend)
-    if backend == "pyav":
+    if choose_backend(found, cfg.backend) == "pyav":
         return load_pyav(uri, source, cfg)
     try:
         return load_decord(uri, source, found, cfg)
