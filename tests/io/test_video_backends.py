@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from videos import (
+    REAL_VIDEOS,
     bright_quadrants,
     encoder_available,
     frame_index,
     quadrant_frame,
+    real_video,
     write_audio_only,
     write_counter_animation,
     write_counter_clip,
@@ -104,6 +106,16 @@ def test_every_reader_returns_the_frames_its_indices_name(clips, name, sampling)
         assert clip.frame_indices == sample_indices(FRAMES, FPS, cfg)
         assert _indices(clip.frames) == clip.frame_indices, f"{name} via {backend}: frames other than the indices"
         assert clip.row_fields()["video_backend"] == clip.backend
+
+
+@pytest.mark.parametrize("name", REAL_VIDEOS)
+def test_decord_and_pyav_give_the_same_pixels_on_real_mp4s(name):
+    path = str(real_video(name))
+    by_decord = load_clip(path, VideoConfig(num_frames=8, backend="decord"))
+    by_pyav = load_clip(path, VideoConfig(num_frames=8, backend="pyav"))
+    assert by_pyav.frame_indices == by_decord.frame_indices and by_pyav.num_frames == by_decord.num_frames
+    assert by_pyav.video_fps == pytest.approx(by_decord.video_fps)
+    assert np.array_equal(by_pyav.frames, by_decord.frames)  # same frames, same YUV -> RGB conversion
 
 
 def test_pyav_reads_from_s3_bytes(clips, s3_bucket):
