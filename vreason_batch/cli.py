@@ -68,12 +68,13 @@ def _add_bench_parser(sub) -> None:
                                      "overhead (prints figures)")
     b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     b.add_argument("--workload", default="decode",
-                   choices=["decode", "precision", "pipeline", "plan", "reasoning", "prefill"],
+                   choices=["decode", "precision", "pipeline", "plan", "reasoning", "prefill", "video"],
                    help="decode: the decode loop per mode; precision: the controller's effect in float32 vs "
                         "bf16/fp16; pipeline: the job's cost per row outside the model; "
                         "plan: run --dry-run time and memory on a generated corpus; reasoning: static vs "
                         "continuous batching on mixed-length answers (SmolLM2); prefill: separate vs shared "
-                        "prefills for several questions per video")
+                        "prefills for several questions per video; video: the video readers (ms per sampled "
+                        "frame, long vs short seek)")
     b.add_argument("--rows", default="1000,6000",
                    help="pipeline: the two run sizes (manifest rows) whose difference gives the cost per row")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -233,7 +234,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    if args.workload == "pipeline":
+    if args.workload == "video":  # the video readers: ms per sampled frame, long vs short seek
+        from vreason_batch.bench.video import run_video_bench
+
+        figures = run_video_bench(args)
+    elif args.workload == "pipeline":
         from vreason_batch.bench.pipeline import run_pipeline_bench
 
         figures = run_pipeline_bench(args)

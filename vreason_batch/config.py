@@ -156,6 +156,13 @@ class VideoConfig(_Strict):
     max_source_pixels: int = Field(
         7680 * 4320, ge=1, description="reject sources larger than this (width * height): absurd resolutions"
     )
+    backend: Literal["auto", "decord", "pyav"] = Field(
+        "auto", description="video decoder: `decord`, `pyav` (frame-accurate on every container), or `auto`: "
+        "PyAV for MPEG-TS / PS, AV1 and codecs decord was not found right on, frames under 80 pixels a side; "
+        "decord for H.264 / HEVC / VP9 / MPEG-4 / MJPEG / ProRes / FFV1 elsewhere, "
+        "PyAV again when decord fails on a file (the file is probed, not its name); images and animated "
+        "GIF / WebP are read with Pillow whatever this says",
+    )
 
     @model_validator(mode="after")
     def _pixels(self) -> "VideoConfig":

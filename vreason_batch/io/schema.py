@@ -10,12 +10,15 @@ from typing import Any
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 PROBLEM_TYPES = ("multiple_choice", "numerical", "regression", "free_form")
 
 # `media_type` column: how the row's media reached the model. Version 2 added the column.
 MEDIA_TYPES = ("video", "image_as_video", "text")
+
+# `video_backend` column: the reader that decoded the row's media. Version 3 added the column.
+VIDEO_BACKENDS = ("decord", "pyav", "pillow")
 
 # Error types written to the `error_type` column. Stable strings: analysts filter on them.
 ERROR_TYPES = (
@@ -59,6 +62,7 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("dataset", pa.string()),
         pa.field("video", pa.string()),
         pa.field("media_type", pa.string()),
+        pa.field("video_backend", pa.string()),
         pa.field("question", pa.string()),
         pa.field("options", pa.list_(pa.string())),
         pa.field("problem_type", pa.string()),
