@@ -14,6 +14,7 @@ import pytest
 from videos import write_counter_video
 from vreason_batch.job import stages
 from vreason_batch.config import VideoConfig, config_from_dict
+from vreason_batch.io.schema import VIDEO_BACKENDS
 from vreason_batch.job.plan import RunPlan, group_by_video, input_blocks, plan_run, plan_schema
 
 VIDEO = {"num_frames": 4, "min_pixels": 3136, "max_pixels": 12544}
@@ -236,7 +237,9 @@ def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(mode
         for m in modes:
             r = by_key[(f"s{i}", m)]
             assert r["error_type"] is None and r["num_output_tokens"] and r["num_frames"] == 4
+            assert r["video_backend"] in VIDEO_BACKENDS  # which reader decoded the video, on every row of it
     assert {by_key[("s3", m)]["error_type"] for m in modes} == {"video_not_found"}
+    assert {by_key[("s3", m)]["video_backend"] for m in modes} == {None}
     assert {by_key[("s4", m)]["error"] for m in modes} == {"bad row"}
     st = model_stage.stats
     assert st["video_decodes"] - before["video_decodes"] == 3  # a, b and the missing one were each decoded once

@@ -33,7 +33,7 @@ from vreason_batch.job.lease import LeaseHeld, current_holder
 from vreason_batch.job.pipeline import run_job
 from vreason_batch.job.plan import OutputConflict, plan_run
 from vreason_batch.job.results import RUNS_DIR
-from vreason_batch.io.schema import OUTPUT_SCHEMA
+from vreason_batch.io.schema import OUTPUT_SCHEMA, VIDEO_BACKENDS
 from vreason_batch.job.stages.model import FAULT_ENV
 
 pytestmark = pytest.mark.pipeline
@@ -121,8 +121,9 @@ def assert_good_rows(rows: list[dict], video: bool = True) -> None:
             assert len(r[trace]) == n, (where, trace, len(r[trace]), n)
         if video:
             assert r["num_video_tokens"] > 0 and r["num_frames"] == len(r["frame_indices"]) > 0, where
+            assert r["video_backend"] in VIDEO_BACKENDS, where  # the reader that decoded it
         else:
-            assert r["num_video_tokens"] == 0 and r["frame_indices"] is None, where
+            assert r["num_video_tokens"] == 0 and r["frame_indices"] is None and r["video_backend"] is None, where
         if r["mode"] == "greedy":  # the base model: no controller step, alpha 0 throughout
             assert not r["controller_updates"] and set(r["alpha"]) <= {0}, where
 

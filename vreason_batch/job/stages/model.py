@@ -51,7 +51,7 @@ def _sample_row(row: dict, base: dict) -> dict:
     r.update(base)
     r.update(
         sample_id=row["sample_id"], mode=row["mode"], dataset=row.get("dataset"), video=row.get("video"),
-        media_type=row.get("media_type"),
+        media_type=row.get("media_type"), video_backend=row.get("video_backend"),
         question=row.get("question"), options=list(row.get("options") or []), problem_type=row.get("problem_type"),
         answer_gt=row.get("answer_gt"), created_at=datetime.now(timezone.utc),
     )
@@ -67,8 +67,8 @@ def _error_result(row: dict, base: dict, error_type: str, error: str) -> dict:
 def _sample(row: dict, s: dict) -> dict:
     """One sample of a stage row with its video's fields (not the frames): what its output rows show."""
     return {**{k: v for k, v in s.items() if k not in ("modes", "error_type", "error")},
-            **{k: row.get(k) for k in ("video", "media_type", "frame_indices", "video_fps", "sampled_fps",
-                                       "video_duration_s")}}
+            **{k: row.get(k) for k in ("video", "media_type", "video_backend", "frame_indices", "video_fps",
+                                       "sampled_fps", "video_duration_s")}}
 
 
 class ModelStage:

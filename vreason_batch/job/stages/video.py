@@ -66,7 +66,8 @@ def video_rows(group: list[dict], vc: VideoConfig, needs_video: bool, max_sample
     video = group[0].get("video")
     row: dict[str, Any] = dict(
         video=video, error_type=None, error=None, frames=b"", frames_shape=[], frame_indices=[], video_fps=None,
-        sampled_fps=None, video_duration_s=None, media_type=None if needs_video else "text", video_decodes=0,
+        sampled_fps=None, video_duration_s=None, media_type=None if needs_video else "text", video_backend=None,
+        video_decodes=0,
     )
     if needs_video and any(not s.get("error_type") for s in group):
         row.update(load_video(video, vc), video_decodes=1)
@@ -86,7 +87,8 @@ def stage_schema():
     return pa.schema([
         ("video", text), ("error_type", text), ("error", text),  # the video's error: every sample of the row gets it
         ("frames", pa.binary()), ("frames_shape", ints), ("frame_indices", ints), ("video_fps", num),
-        ("sampled_fps", num), ("video_duration_s", num), ("media_type", text), ("video_decodes", pa.int64()),
+        ("sampled_fps", num), ("video_duration_s", num), ("media_type", text), ("video_backend", text),
+        ("video_decodes", pa.int64()),
         ("samples", pa.list_(sample)),
     ])
 
