@@ -22,6 +22,20 @@ def test_every_config_validates(path, monkeypatch):
     assert cfg.decoding.modes and cfg.output.uri
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIGS_DIR)))
+def test_shipped_configs_run_the_papers_method(path, monkeypatch):
+    monkeypatch.setenv("VIDEO_R1_DATA", "/data/video-r1")
+    c = load_config(path).controller
+    assert (c.rule, c.value_norm, c.reset_moments_on_switch) == ("paper", "vector", False)
+
+
+def test_the_earlier_rule_and_update_still_load():
+    c = config_from_dict({**MIN, "controller": {"rule": "switch", "value_norm": "none"}}).controller
+    assert (c.rule, c.value_norm) == ("switch", "none")
+    with pytest.raises(ConfigError, match="controller.value_norm"):
+        config_from_dict(MIN, ["controller.value_norm=l1"])
+
+
 def test_documented_keys_exist_and_override():
     cfg = config_from_dict(MIN, [
         "input.manifest=s3://b/m.jsonl", "output.uri=s3://b/out", "model.name_or_path=/ckpt",
@@ -40,6 +54,7 @@ def test_defaults_follow_the_method_notes():
     c = config_from_dict(MIN)
     assert (c.controller.lr, c.controller.update_every, c.controller.steps_per_update) == (1e-3, 2, 1)
     assert (c.controller.ema_beta, c.controller.delta, c.controller.min_explore_tokens) == (0.9, 0.1, 16)
+    assert (c.controller.rule, c.controller.value_norm, c.controller.reset_moments_on_switch) == ("paper", "vector", False)
     assert c.lite.prune_ratio == 0.5 and c.decoding.max_new_tokens == 1024
 
 

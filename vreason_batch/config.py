@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vreason_batch.engine.modes import MODE_NAMES  # the decoding modes' one registry
 
 Mode = Literal[MODE_NAMES]  # type: ignore[valid-type]
-Rule = Literal["switch", "always_min", "always_max"]
+Rule = Literal["paper", "switch", "always_min", "always_max"]  # controller.RULES
+ValueNorm = Literal["vector", "block", "none"]  # controller.VALUE_NORMS
 
 
 class ConfigError(ValueError):
@@ -128,12 +129,34 @@ class ControllerConfig(_Strict):
     lr: float = Field(1e-3, ge=0.0, description="Adam learning rate on dV (0 = the base model)")
     update_every: int = Field(2, ge=1, description="k: update dV every k generated tokens")
     steps_per_update: int = Field(1, ge=1, description="Adam steps per update")
-    rule: Rule = Field("switch", description="alpha policy: switch (default) | always_min | always_max")
-    ema_beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the entropy trend")
-    delta: float = Field(0.1, gt=0.0, lt=1.0, description="EMA peak is passed at (1-delta) * running max")
-    min_explore_tokens: int = Field(16, ge=0, description="no peak before this many tokens")
+    rule: Rule = Field(
+        "paper",
+        description="alpha policy (alpha +1 = lower entropy, the paper's alpha_k = -1; -1 = raise it): paper (default,"
+        " the paper's rule: raise entropy while its EMA is at its running max, lower it whenever the EMA is below)"
+        " | switch (this project's earlier rule, written before the paper's was known) | always_min | always_max",
+    )
+    value_norm: ValueNorm = Field(
+        "vector",
+        description="how dV changes the controlled values: vector (the paper's norm-keeping (V + dV) / ||V + dV|| *"
+        " ||V||, norm per value vector over head_dim) | block (the same, one norm over a row's whole controlled"
+        " block) | none (V + dV, this project's earlier additive update)",
+    )
+    reset_moments_on_switch: bool = Field(
+        False,
+        description="restart Adam (moments and step count) on an update whose alpha differs from the row's last one,"
+        " so the first step after a switch goes the new way; false = the paper as written (one Adam throughout)",
+    )
+    ema_beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the entropy trend (every rule)")
+    delta: float = Field(
+        0.1, gt=0.0, lt=1.0,
+        description="EMA peak is passed at (1-delta) * running max (switch rule, and the ema_peak_step column)",
+    )
+    min_explore_tokens: int = Field(
+        16, ge=0, description="no peak before this many tokens (switch rule, and the ema_peak_step column)"
+    )
     peak_from_step: int = Field(
-        0, ge=0, description="the EMA running max ignores earlier steps (chat models open with one high-entropy token)"
+        0, ge=0, description="the EMA running max ignores earlier steps (chat models open with one high-entropy token);"
+        " the paper rule explores until then",
     )
     adam_beta1: float = Field(0.9, ge=0.0, lt=1.0, description="Adam beta1")
     adam_beta2: float = Field(0.999, ge=0.0, lt=1.0, description="Adam beta2")

@@ -432,3 +432,46 @@ def test_report_cli_one_output_and_several(run_dir, tmp_path):
     assert "| all | output / greedy |" in md and "Wilson" in md
     assert main(["report", str(run_dir), str(run_b), "--out", str(out), "--label", "only-one"]) == 2
     assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
+
+
+def test_paper_benchmarks_are_found_by_name():
+    from vreason_batch.evaluation.report.paper import benchmark_of
+
+    assert benchmark_of("VSI-Bench") == benchmark_of("eval_vsibench.json") == "vsibench"
+    assert benchmark_of("Video-MME") == "videomme" and benchmark_of("VideoMMMU") == "videommmu"
+    assert benchmark_of("MVBench") == benchmark_of("mvbench") == "mvbench"
+    assert benchmark_of("open") is None and benchmark_of("all") is None
+
+
+def test_report_shows_the_papers_figures_beside_the_run(run_dir, tmp_path):
+    out = tmp_path / "report"
+    summary = report.write_report(str(run_dir), str(out))
+    md = (out / "report.md").read_text()
+    section = md.split("## Beside the paper", 1)[1].split("\n## ", 1)[0]
+    assert "Fig. 1" in section.splitlines()[0]
+    # mvbench: greedy 2 of 4 right, vreason 3 of 4; beside the paper's Qwen2.5-VL-7B and V-Reason-7B
+    assert "| MVBench (mvbench) | greedy | 50.0 | 101.0 | 0.500 | 60.7 / 124 | -10.7 |" in section
+    assert "| MVBench (mvbench) | vreason | 75.0 | 56.0 | 0.750 | 60.9 / 126 | +14.1 |" in section
+    assert "| MVBench (mvbench) | paper: Video-R1-7B (RL) | 64.1 | 410 |" in section
+    assert "| Video-MME (videomme) | paper: V-Reason-7B (pruned, Lite) | 53.5 | 149 |" in section
+    assert "open" not in section  # not a paper benchmark
+    assert "copied from its Fig. 1" in md  # the note says where the figures come from
+    assert "tr class='paper'" in (out / "report.html").read_text()
+    assert any(r[1] == "paper: V-Reason-7B" for r in summary["beside_paper"]["rows"])
+
+    run_b = second_run(tmp_path)
+    compared = tmp_path / "compared"
+    report.write_comparison([("A", str(run_dir)), ("B", str(run_b))], str(compared))
+    cmp_md = (compared / "comparison.md").read_text()
+    section = cmp_md.split("## Beside the paper", 1)[1].split("\n## ", 1)[0]
+    assert "| MVBench (mvbench) | A / vreason | 75.0 |" in section and "| 60.9 / 126 | +14.1 |" in section
+    assert "| MVBench (mvbench) | B / greedy |" in section
+
+
+def test_no_paper_table_without_a_paper_benchmark(tmp_path):
+    root = tmp_path / "out"
+    root.mkdir()
+    rows = [ok_row("open", "o0", mode, 11, None, 0.5) for mode in ("greedy", "vreason")]
+    pq.write_table(rows_to_table(rows), root / "part-0.parquet")
+    report.write_report(str(root), str(tmp_path / "report"))
+    assert "Beside the paper" not in (tmp_path / "report" / "report.md").read_text()

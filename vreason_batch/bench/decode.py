@@ -244,7 +244,7 @@ def run_precision(args) -> dict[str, Any]:
             figures[f"{key}_unchanged"] = sum(a.token_ids == b.token_ids for a, b in zip(v, g))
             print(f"  {tag}: {rule} lr {lr:g}: mean dH {figures[f'{key}_dH']:+.5f} nats (same-text tokens "
                   f"{figures[f'{key}_dH_shared']:+.6f}), {figures[f'{key}_unchanged']}/{len(prompts)} outputs unchanged")
-        v = decode_batch(lm, prompts, _settings("vreason", min(n, 24), lr=1e-3, update_every=1))
+        v = decode_batch(lm, prompts, _settings("vreason", min(n, 24), lr=1e-3, update_every=1, rule="switch"))
         moves = [abs(p - q) for x in v for q, p, a in zip(x.entropy, x.entropy_post, x.alpha) if a]
         figures[f"{tag}_switch_updates"] = len(moves)
         figures[f"{tag}_switch_updates_no_change"] = sum(m == 0 for m in moves)

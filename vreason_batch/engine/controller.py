@@ -4,15 +4,26 @@ Nothing here knows about models or files; every function runs on CPU tensors in 
 
 Shapes: B = samples in the batch, H / kv_heads = attention / key-value heads of the last layer,
 n = the most controlled positions (video tokens) of any row in the batch, S = cache length.
+
+Sign convention of alpha, here and in the `alpha` output column: +1 LOWERS entropy (exploit),
+-1 RAISES it (explore); the loss is `alpha * H`. The paper writes `alpha_k * KL(p || U)`, whose
+gradient is that of `-alpha_k * H`: our alpha = -(the paper's alpha_k).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
-RULES = ("switch", "always_min", "always_max")
+# `paper` is the paper's rule (its Fig. 2a); `switch` is this project's earlier rule, written before
+# the paper's was known; `always_min` / `always_max` are ablations.
+RULES = ("paper", "switch", "always_min", "always_max")
+# How dV changes the controlled value vectors V (the paper: `(V + dV) / ||V + dV|| * ||V||`):
+# `vector` keeps each value vector's norm (per KV head and token, over head_dim), `block` keeps the
+# norm of a row's whole controlled block [kv_heads, n, head_dim], `none` adds dV (V + dV).
+VALUE_NORMS = ("vector", "block", "none")
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -56,7 +67,7 @@ class PolicyState:
 def policy_step(
     state: PolicyState,
     entropy: torch.Tensor,
-    rule: str = "switch",
+    rule: str = "paper",
     beta: float = 0.9,
     delta: float = 0.1,
     min_explore_tokens: int = 16,
@@ -64,9 +75,17 @@ def policy_step(
 ) -> torch.Tensor:
     """Advance the EMA with H_t [B] and return alpha_t [B] (+1 lower entropy, -1 raise it).
 
-    The project's default rule (`switch`, README "V-Reason, as implemented"): m_0 = H_0,
-    m_t = beta m_{t-1} + (1-beta) H_t; the peak is passed once m_t < (1 - delta) max_s m_s, never before `min_explore_tokens`; before the
-    peak alpha = -1 if H_t < m_t else +1 (pull H back toward its trend), after it alpha = +1.
+    Every rule shares the EMA: m_0 = H_0, m_t = beta m_{t-1} + (1-beta) H_t, and its running max
+    M_t = max_{s<=t} m_s (over steps >= `peak_from_step`).
+    - `paper` (the paper's Fig. 2a, `alpha_k = -1 if m_k < M_k else +1` in its sign): explore
+      (alpha = -1) while the EMA sits at its running max, exploit (alpha = +1) whenever it is
+      below it; before `peak_from_step` there is no max yet, and it explores.
+    - `switch` (this project's earlier rule): before the peak alpha = -1 if H_t < m_t else +1 (pull
+      H back toward its trend), after it alpha = +1.
+    - `always_min` (+1) / `always_max` (-1).
+    The peak is declared passed once m_t < (1 - delta) M_t, never before `min_explore_tokens`; its
+    step (`peak_step`, the `ema_peak_step` column) is recorded the same way under every rule, and
+    only `switch` reads it.
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; known: {RULES}")
@@ -90,6 +109,9 @@ def policy_step(
         return ones
     if rule == "always_max":
         return -ones
+    if rule == "paper":
+        # max_ema is a copy of one of the EMA's values, so "at the max" is exact equality
+        return torch.where(eligible & (state.ema < state.max_ema), ones, -ones)
     explore = torch.where(h < state.ema, -ones, ones)
     return torch.where(state.peak_passed, ones, explore)
 
@@ -99,10 +121,13 @@ class ControllerState:
     """Per-sample dV with its Adam moments, padded to the row with the most controlled positions.
 
     dV is never written into the KV cache (a bfloat16 cache would round `base + dV` and quantise
-    the control away); it enters the last layer's attention as `P[:, :, :, pos] @ dV` in float32
-    (`value_delta`). Shapes: dv, m, v [B, kv_heads, n, head_dim] fp32; pos [B, n] cache position
-    of each controlled slot; valid [B, n] (False = padding: its gradient is 0, so its dV stays 0);
-    step [B] Adam steps taken (per-sample bias correction); updates [B] controller updates applied.
+    the control away); its effect enters the last layer's attention as `P[:, :, :, pos] @ delta`
+    in float32 (`value_delta`), where `delta = V_new - V` is the change it makes to the controlled
+    value vectors (`value_change`: norm-keeping by default, `delta = dV` when additive). Shapes:
+    dv, m, v, delta [B, kv_heads, n, head_dim] fp32; pos [B, n] cache position of each controlled
+    slot; valid [B, n] (False = padding: its gradient is 0, so its dV and delta stay 0); step [B]
+    Adam steps taken (per-sample bias correction); updates [B] controller updates applied;
+    last_alpha [B] the alpha of the row's last update (0 before the first).
     """
 
     dv: torch.Tensor
@@ -112,6 +137,8 @@ class ControllerState:
     valid: torch.Tensor
     step: torch.Tensor
     updates: torch.Tensor
+    delta: torch.Tensor
+    last_alpha: torch.Tensor
 
     @classmethod
     def new(cls, controlled: torch.Tensor, kv_heads: int, head_dim: int) -> "ControllerState":
@@ -126,10 +153,11 @@ class ControllerState:
         pos = torch.where(valid, order, torch.zeros_like(order))
         z = torch.zeros((B, kv_heads, n, head_dim), dtype=torch.float32, device=dev)
         zb = torch.zeros(B, dtype=torch.long, device=dev)
-        return cls(dv=z, m=z.clone(), v=z.clone(), pos=pos, valid=valid, step=zb, updates=zb.clone())
+        return cls(dv=z, m=z.clone(), v=z.clone(), pos=pos, valid=valid, step=zb, updates=zb.clone(),
+                   delta=z.clone(), last_alpha=zb.clone())
 
     def _tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.dv, self.m, self.v, self.pos, self.valid, self.step, self.updates
+        return self.dv, self.m, self.v, self.pos, self.valid, self.step, self.updates, self.delta, self.last_alpha
 
     def select(self, idx: torch.Tensor) -> "ControllerState":
         """Keep rows `idx` [B'] (indices into the current batch), in that order."""
@@ -140,11 +168,11 @@ class ControllerState:
         if n == 0:
             return self
         pos = torch.where(self.valid, self.pos + n, torch.zeros_like(self.pos))
-        return ControllerState(self.dv, self.m, self.v, pos, self.valid, self.step, self.updates)
+        return dataclasses.replace(self, pos=pos)
 
     @staticmethod
     def concat(a: "ControllerState", b: "ControllerState") -> "ControllerState":
-        """a's samples then b's, padded to the larger n (padding slots: valid False, dV and moments 0)."""
+        """a's samples then b's, padded to the larger n (padding slots: valid False, dV, delta and moments 0)."""
         n = max(a.pos.shape[1], b.pos.shape[1])
 
         def pad(s: "ControllerState") -> tuple[torch.Tensor, ...]:
@@ -154,23 +182,67 @@ class ControllerState:
             z = s.dv.new_zeros((s.dv.shape[0], s.dv.shape[1], extra, s.dv.shape[3]))
             return (torch.cat([s.dv, z], 2), torch.cat([s.m, z], 2), torch.cat([s.v, z], 2),
                     torch.cat([s.pos, s.pos.new_zeros((s.pos.shape[0], extra))], 1),
-                    torch.cat([s.valid, s.valid.new_zeros((s.valid.shape[0], extra))], 1), s.step, s.updates)
+                    torch.cat([s.valid, s.valid.new_zeros((s.valid.shape[0], extra))], 1), s.step, s.updates,
+                    torch.cat([s.delta, z], 2), s.last_alpha)
 
         return ControllerState(*(torch.cat([x, y]) for x, y in zip(pad(a), pad(b))))
 
 
-def value_delta(probs: torch.Tensor, state: ControllerState, dv: torch.Tensor | None = None) -> torch.Tensor:
-    """dV's share of the attention output: `P[..., pos] @ dV`, in fp32.
+def controlled_values(values: torch.Tensor, state: ControllerState) -> torch.Tensor:
+    """The cache's value vectors at the controlled slots, in fp32 (an exact upcast).
+
+    values: [B, kv_heads, S, head_dim] the last layer's cache (model dtype). Returns
+    [B, kv_heads, n, head_dim] fp32; padding slots hold zeros.
+    """
+    B, kv, _, d = values.shape
+    idx = state.pos[:, None, :, None].expand(B, kv, state.pos.shape[1], d)
+    return values.gather(2, idx).float() * state.valid[:, None, :, None]
+
+
+def value_change(values: torch.Tensor, state: ControllerState, dv: torch.Tensor | None = None,
+                 norm: str = "vector") -> torch.Tensor:
+    """delta = V_new - V at the controlled slots, fp32 [B, kv_heads, n, head_dim]; differentiable in dv.
+
+    The paper's norm-keeping update `V_new = (V + dV) / ||V + dV|| * ||V||`, the norm over each
+    value vector (`vector`, over head_dim) or over a row's whole controlled block (`block`, over
+    kv_heads, n and head_dim); `none` is additive (delta = dV). values: the cache's
+    [B, kv_heads, S, head_dim]; dv defaults to state.dv.
+
+    Where dV is zero (per vector, or per block), delta is exactly zero, not zero up to rounding: lr
+    = 0 must be greedy token for token, and a near-tie would flip on a rounding error. The guard
+    changes only the forward value; the gradient is that of the formula, so dV = 0 still moves.
+    """
+    if norm not in VALUE_NORMS:
+        raise ValueError(f"unknown value norm {norm!r}; known: {VALUE_NORMS}")
+    dv = state.dv if dv is None else dv
+    if norm == "none":
+        return dv
+    dims = (-1,) if norm == "vector" else (1, 2, 3)
+    base = controlled_values(values, state)  # [B, kv, n, d]
+    new = base + dv
+    n_base = torch.linalg.vector_norm(base, dim=dims, keepdim=True)
+    n_new = torch.linalg.vector_norm(new, dim=dims, keepdim=True)
+    # a zero vector (padding) has no direction: keep it (scale 1), with no 0/0 in forward or backward
+    nonzero = n_new > 0
+    scale = torch.where(nonzero, n_base / torch.where(nonzero, n_new, torch.ones_like(n_new)), torch.ones_like(n_new))
+    delta = new * scale - base
+    untouched = (dv == 0).all(dim=dims, keepdim=True)
+    return delta - torch.where(untouched, delta, torch.zeros_like(delta)).detach()
+
+
+def value_delta(probs: torch.Tensor, state: ControllerState, delta: torch.Tensor | None = None) -> torch.Tensor:
+    """dV's share of the attention output: `P[..., pos] @ delta`, in fp32.
 
     probs: [B, H, Q, S] fp32 attention probabilities of the last layer (H = kv_heads * groups; head h
-    reads kv head h // groups, as HF's repeat_kv). Returns [B, H, Q, head_dim] fp32. Differentiable in `dv`.
+    reads kv head h // groups, as HF's repeat_kv). delta [B, kv_heads, n, head_dim] defaults to
+    state.delta, the change in force. Returns [B, H, Q, head_dim] fp32. Differentiable in `delta`.
     """
-    dv = state.dv if dv is None else dv
+    delta = state.delta if delta is None else delta
     B, H, Q, _ = probs.shape
-    kv, n, d = dv.shape[1], dv.shape[2], dv.shape[3]
+    kv, n, d = delta.shape[1], delta.shape[2], delta.shape[3]
     idx = state.pos[:, None, None, :].expand(B, H, Q, n)
     p = probs.gather(-1, idx) * state.valid[:, None, None, :]  # [B, H, Q, n]
-    out = p.reshape(B, kv, (H // kv) * Q, n) @ dv  # [B, kv, groups * Q, head_dim]
+    out = p.reshape(B, kv, (H // kv) * Q, n) @ delta  # [B, kv, groups * Q, head_dim]
     return out.reshape(B, H, Q, d)
 
 
@@ -200,3 +272,16 @@ def adam_step(
     state.m = torch.where(r, m, state.m)
     state.v = torch.where(r, v, state.v)
     state.dv = torch.where(r, new_dv, state.dv)
+
+
+def reset_moments(state: ControllerState, rows: torch.Tensor) -> None:
+    """Restart Adam for `rows` [B] bool: moments and step count to zero, dV kept.
+
+    For `controller.reset_moments_on_switch`: alpha multiplies the loss, so after a sign switch
+    Adam's first moment still points the old way for several steps; a fresh Adam's first step
+    after the switch is lr * sign(gradient), the new way.
+    """
+    r = rows.view(-1, 1, 1, 1)
+    state.m = torch.where(r, torch.zeros_like(state.m), state.m)
+    state.v = torch.where(r, torch.zeros_like(state.v), state.v)
+    state.step = torch.where(rows, torch.zeros_like(state.step), state.step)

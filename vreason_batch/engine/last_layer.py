@@ -7,7 +7,12 @@ residual stream, logits) rounds the effect again. So for the current token every
 
     K, V (cache), q        model dtype, exactly as the model computes them
     P = softmax(q K^T)     fp32                                              [b, H, 1, S]
-    attn = P V + P[pos] dV fp32 (dV is never written into the cache)          [b, H, 1, d]
+    attn = P V + P[pos] delta  fp32 (dV is never written into the cache)      [b, H, 1, d]
+
+where delta = V_new[pos] - V[pos] is dV's change of the controlled value vectors, computed in
+fp32 from the cache's values at those positions (controller.value_change: the paper's
+norm-keeping `V_new = (V + dV) / ||V + dV|| * ||V||`, or `V + dV`). Only those [n] vectors are
+upcast, never the cache.
     o_proj, residual, post-norm, gated MLP, residual, final norm, lm_head: fp32 activations
 
 The weights stay in the model's dtype and are never copied whole: `linear32` multiplies fp32
@@ -128,6 +133,7 @@ class Attention:
     hidden_in: torch.Tensor  # [b, 1, D] the layer's input (residual stream), model dtype
     probs: torch.Tensor  # [b, H, 1, S] fp32
     base: torch.Tensor  # [b, H, 1, d] fp32: P @ V over the cache as stored (no dV)
+    values: torch.Tensor  # [b, kv, S, d] the cache's values (model dtype; a reference, not a copy)
 
 
 class LastLayer:
@@ -162,10 +168,11 @@ class LastLayer:
         scores = scores.masked_fill(~pad_mask.bool()[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         base = probs @ values.float()  # [b, kv, groups, d]
-        return Attention(hidden_in=hidden[:, -1:], probs=probs.reshape(b, H, 1, -1), base=base.reshape(b, H, 1, d))
+        return Attention(hidden_in=hidden[:, -1:], probs=probs.reshape(b, H, 1, -1), base=base.reshape(b, H, 1, d),
+                         values=values)
 
     def logits(self, att: Attention, delta: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 logits [b, V] from the attention output (+ dV's share `delta` [b, H, 1, d])."""
+        """fp32 logits [b, V] from the attention output (+ dV's share `delta` [b, H, 1, d], controller.value_delta)."""
         p = self.p
         out = att.base if delta is None else att.base + delta
         b = out.shape[0]

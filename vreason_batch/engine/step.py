@@ -17,7 +17,9 @@ import torch
 
 from vreason_batch.config import ControllerConfig
 from vreason_batch.engine.api import DecodeSettings
-from vreason_batch.engine.controller import ControllerState, PolicyState, adam_step, entropy_from_logits, policy_step, value_delta
+from vreason_batch.engine.controller import (
+    ControllerState, PolicyState, adam_step, entropy_from_logits, policy_step, reset_moments, value_change, value_delta,
+)
 from vreason_batch.engine.last_layer import Attention, LastLayer
 from vreason_batch.engine.models import LoadedModel
 from vreason_batch.engine.state import DecodeState, TokenRecord
@@ -42,15 +44,15 @@ def forward_last_token(lm: LoadedModel, head: LastLayer, st: DecodeState) -> Att
     return head.attend(hidden, head.extend_cache(hidden, cos, sin, layer), layer, st.pad_mask)
 
 
-def entropy_and_grad(head: LastLayer, att: Attention, ctrl: ControllerState, weights_of):
-    """One grad-enabled pass at the current dV.
+def entropy_and_grad(head: LastLayer, att: Attention, ctrl: ControllerState, weights_of, value_norm: str):
+    """One grad-enabled pass at the current dV, its change of the values as `value_norm` says.
 
     weights_of: H [b] -> w [b]; the loss is sum_b w_b * H_b. Returns (logits [b, V], H [b], w [b],
     dLoss/d dV [b, kv, n, d]). Samples are independent: each dV gets only its own sample's gradient.
     """
     dv = ctrl.dv.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = head.logits(att, value_delta(att.probs, ctrl, dv))
+        logits = head.logits(att, value_delta(att.probs, ctrl, value_change(att.values, ctrl, dv, value_norm)))
         h = entropy_from_logits(logits)
         w = weights_of(h.detach())
         (grad,) = torch.autograd.grad((w * h).sum(), dv)
@@ -82,7 +84,8 @@ def _update(head: LastLayer, att: Attention, st: DecodeState, active, cc: Contro
     """`steps_per_update` Adam steps on alpha_t * H_t for the `active` rows [b].
 
     Returns (H_t before the update [b], alpha_t [b], pre-update logits [b, V], post-update logits [b, V]).
-    The first step's forward gives H_t and so alpha_t: one grad-enabled pass serves both.
+    The first step's forward gives H_t and so alpha_t: one grad-enabled pass serves both. After the
+    steps, dV's change of the values (`ctrl.delta`) is recomputed: every logit until the next update carries it.
     """
     ctrl = st.ctrl
     alpha = h_pre = pre = None
@@ -94,11 +97,15 @@ def _update(head: LastLayer, att: Attention, st: DecodeState, active, cc: Contro
         return alpha * active
 
     for _ in range(cc.steps_per_update):
-        logits, h, _, grad = entropy_and_grad(head, att, ctrl, weights)
+        logits, h, _, grad = entropy_and_grad(head, att, ctrl, weights, cc.value_norm)
         if pre is None:
             pre, h_pre = logits, h
+            if cc.reset_moments_on_switch:  # a fresh Adam for rows whose alpha just changed sign
+                reset_moments(ctrl, active & (ctrl.last_alpha != 0) & (alpha.long() != ctrl.last_alpha))
         adam_step(ctrl, grad, active, cc.lr, cc.adam_beta1, cc.adam_beta2, cc.adam_eps)
     ctrl.updates = ctrl.updates + active.long()
+    ctrl.last_alpha = torch.where(active, alpha.long(), ctrl.last_alpha)
+    ctrl.delta = value_change(att.values, ctrl, norm=cc.value_norm)
     return h_pre, alpha, pre, head.logits(att, value_delta(att.probs, ctrl))
 
 

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from vreason_batch.io import storage
 
+from . import paper
 from .loading import _open_dataset
 from .plots import _matplotlib, _placeholder, _png
 from .rows import _Rows
@@ -75,6 +76,7 @@ def _arm_metrics(rows: _Rows, idx: np.ndarray) -> dict[str, Any]:
         "accuracy": _num(k / scored.size) if scored.size else None,
         "accuracy_ci95": list(ci) if ci else None,
         "output_tokens_mean": _mean(rows.n_out[ok]),
+        "score_mean": _mean(rows.score[ok]),
         # seconds of sample latency per output token: per-request cost, comparable between arms
         # that ran on the same hardware (batches overlap samples, so it is not cluster throughput)
         "ms_per_token": _num(1000.0 * latency / rows.n_out[timed].sum()) if rows.n_out[timed].sum() > 0 else None,
@@ -283,6 +285,12 @@ def comparison_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list
             dynamics.append([dataset, arm, _f(m["final_ema_entropy_mean"], ".3f"),
                              f"{m['ema_peak_passed']}/{m['n_rows'] - m['n_failed']}",
                              _f(m["ema_peak_position_mean"], ".2f"), _f(m["ema_peak_height_mean"], ".3f")])
+    modes = {a["arm"]: a["mode"] for a in result["arms"]}
+    beside = paper.beside_paper({
+        dataset: {arm: {"mode": modes[arm], "accuracy": m["accuracy"], "tokens": m["output_tokens_mean"],
+                        "score": m.get("score_mean")} for arm, m in arms.items()}
+        for dataset, arms in result["datasets"].items()
+    })
     return [
         ("Accuracy and cost per run and mode",
          ["dataset", "run / mode", "rows", "failed", "accuracy [Wilson 95%] (correct/scored)", "mean out tokens",
@@ -292,7 +300,7 @@ def comparison_tables(result: dict[str, Any]) -> list[tuple[str, list[str], list
           "scores changed"], paired),
         ("Entropy dynamics",
          ["dataset", "run / mode", "final EMA entropy", "peak passed", "peak position", "peak height"], dynamics),
-    ]
+    ] + ([(f"Beside the paper: {paper.SOURCE}", paper.HEADER, beside)] if beside else [])
 
 
 NOTES = (
@@ -308,6 +316,11 @@ FIGURES = (
 )
 
 
+def _notes(result: dict[str, Any]) -> str:
+    has_paper = any(paper.benchmark_of(d) for d in result["datasets"])
+    return NOTES + (" " + paper.NOTE if has_paper else "")
+
+
 def _runs_lines(result: dict[str, Any], uris: dict[str, str]) -> list[str]:
     return [f"{r['label']}: {uris.get(r['label'], '')} (models {', '.join(r['models'])}; runs {', '.join(r['run_ids'])})"
             for r in result["runs"]]
@@ -318,7 +331,7 @@ def _markdown(result: dict[str, Any], uris: dict[str, str]) -> str:
     for title, header, rows in comparison_tables(result):
         out += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    out += ["", NOTES, "", "## Figures", ""] + [f"![{cap}]({name})\n" for name, cap in FIGURES]
+    out += ["", _notes(result), "", "## Figures", ""] + [f"![{cap}]({name})\n" for name, cap in FIGURES]
     return "\n".join(out)
 
 
@@ -333,9 +346,10 @@ def _html(result: dict[str, Any], uris: dict[str, str]) -> str:
         out += [f"<h2>{e(title)}</h2>", "<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
         for row in rows:
             cls = " class='all'" if row[0] == ALL_DATASETS else ""
+            cls = " class='paper'" if len(row) > 1 and row[1].startswith("paper: ") else cls
             out.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
         out.append("</table>")
-    out += [f"<p class='note'>{e(NOTES)}</p>", "<h2>Figures</h2>"]
+    out += [f"<p class='note'>{e(_notes(result))}</p>", "<h2>Figures</h2>"]
     out += [f"<figure><img src='{e(n)}' alt='{e(c)}'><figcaption>{e(c)}</figcaption></figure>" for n, c in FIGURES]
     return "\n".join(out + ["</body></html>"])
 

@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from vreason_batch.io import storage
 
+from . import paper
 from .loading import _open_dataset
 from .plots import _pick_examples, _plot_ema_curves, _plot_examples, _plot_tokens_hist
 from .summaries import ALL_DATASETS, EXAMPLE_COLUMNS, SUMMARY_COLUMNS, ema_curves, summarize
@@ -83,7 +84,23 @@ def _tables(summary: dict[str, Any]) -> list[tuple[str, list[str], list[list[str
     ]
     if failure_rows:
         tables.append(("Failures", ["dataset", "mode", "error_type", "rows"], failure_rows))
+    beside = _beside_paper(summary)
+    if beside:
+        tables.append((f"Beside the paper: {paper.SOURCE}", paper.HEADER, beside))
     return tables
+
+
+def _beside_paper(summary: dict[str, Any]) -> list[list[str]]:
+    """The paper's Fig. 1 rows beside this run's modes, for the datasets that are paper benchmarks."""
+    return paper.beside_paper({
+        dataset: {mode: {"mode": mode, "accuracy": m["accuracy"], "tokens": m["output_tokens"]["mean"],
+                         "score": m["score_mean"]} for mode, m in modes.items()}
+        for dataset, modes in summary["datasets"].items()
+    })
+
+
+def _notes(summary: dict[str, Any]) -> str:
+    return NOTES + (" " + paper.NOTE if _beside_paper(summary) else "")
 
 
 def _overview_lines(summary: dict[str, Any], source: str) -> list[str]:
@@ -123,7 +140,7 @@ def _markdown(summary: dict[str, Any], source: str) -> str:
     for title, header, rows in _tables(summary):
         out += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         out += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    out += ["", NOTES, "", "## Figures", ""]
+    out += ["", _notes(summary), "", "## Figures", ""]
     for name, caption in FIGURES:
         out += [f"![{caption}]({name})", ""]
     return "\n".join(out)
@@ -136,6 +153,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; white
 th { background: #f0f0f0; }
 td:nth-child(-n+2) { text-align: left; }
 tr.all td { background: #f8f8ff; font-weight: 600; }
+tr.paper td { color: #555; font-style: italic; }
 figure { margin: 1em 0 2em; }
 img { max-width: 100%; border: 1px solid #ddd; }
 p.note { color: #555; max-width: 60em; }
@@ -152,9 +170,10 @@ def _html(summary: dict[str, Any], source: str) -> str:
         out += [f"<h2>{e(title)}</h2>", "<table>", "<tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"]
         for row in rows:
             cls = " class='all'" if row[0] == ALL_DATASETS and title != "Failures" else ""
+            cls = " class='paper'" if row[1].startswith("paper: ") else cls
             out.append(f"<tr{cls}>" + "".join(f"<td>{e(cell)}</td>" for cell in row) + "</tr>")
         out.append("</table>")
-    out += [f"<p class='note'>{e(NOTES)}</p>", "<h2>Figures</h2>"]
+    out += [f"<p class='note'>{e(_notes(summary))}</p>", "<h2>Figures</h2>"]
     for name, caption in FIGURES:
         out.append(
             f"<figure><img src='{e(name)}' alt='{e(caption)}'><figcaption>{e(caption)}</figcaption></figure>"
@@ -176,6 +195,7 @@ def write_report(uri: str, out_dir: str) -> dict[str, Any]:
     summary = {"source": uri, **summarize(table)}
     curves = ema_curves(table)
     summary["ema_curves"] = curves
+    summary["beside_paper"] = {"source": paper.SOURCE, "header": paper.HEADER, "rows": _beside_paper(summary)}
 
     # The raw entropy traces are read for the plotted samples only: they are the bulk of a run.
     keys = _pick_examples(table)
