@@ -150,7 +150,9 @@ def test_every_module_says_what_it_is_for():
     missing = []
     for name, path in MODULES.items():
         doc = ast.get_docstring(ast.parse(path.read_text()))
-        if not doc or not doc.splitlines()[0].strip():
+        lines = doc.splitlines() if doc else []
+        # one summary line (PEP 257): the first line alone, then a blank line or nothing
+        if not lines or not lines[0].strip() or (len(lines) > 1 and lines[1].strip()):
             missing.append(name)
     assert missing == []
 

@@ -1,5 +1,7 @@
-"""Which reader decodes a video: the file's container, codec and frame size as PyAV opens it (no
-frame is sampled), and the rule that picks decord or PyAV for `video.backend: auto`.
+"""Which reader decodes a video: a probe of its container, codec and frame size, and the `auto` rule.
+
+The probe is what PyAV reads when it opens the file (no frame is sampled); the rule picks decord
+or PyAV for `video.backend: auto`.
 
 The rule follows what was measured with decord 0.6.0 (tests/io/test_video_backends.py keeps it
 honest): decord is right and fast on H.264 / HEVC / VP9 / MPEG-4 ... in mp4 / mov / mkv / webm /

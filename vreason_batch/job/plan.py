@@ -1,5 +1,7 @@
-"""Planning, on the driver before any cluster work: stream the manifest, look at what the output
-already holds, and list the (sample, mode) pairs left to do, in bounded memory.
+"""Planning, on the driver before any cluster work: the (sample, mode) pairs left to do.
+
+It streams the manifest, looks at what the output already holds, and lists what is left, in
+bounded memory.
 
 The pending samples are grouped by video (`group_by_video`) and cut into Ray input blocks at
 video boundaries (`input_blocks`), so that every video is decoded once per run, by one video
