@@ -115,14 +115,24 @@ def ray_head(tmp_path_factory):
         assert not survivors, f"Ray processes outlived the kill: {sorted(survivors)}"
 
 
+# The head's job server answers before its node's agent has registered with it; on a loaded
+# machine that takes a while, and the submission is refused with this (the job is not created).
+NO_AGENT_YET = "No available agent to submit job"
+
+
 def submit(ray_head, submission_id: str, *job_args: str) -> subprocess.CompletedProcess:
     address, env = ray_head
-    return subprocess.run(
-        [ray_cli(), "job", "submit", "--address", address, "--submission-id", submission_id,
-         "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
-         "--", sys.executable, "jobs/vreason_job.py", *job_args],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
+    deadline = time.monotonic() + 120
+    while True:
+        done = subprocess.run(
+            [ray_cli(), "job", "submit", "--address", address, "--submission-id", submission_id,
+             "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}),
+             "--", sys.executable, "jobs/vreason_job.py", *job_args],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        if NO_AGENT_YET not in done.stdout + done.stderr or time.monotonic() > deadline:
+            return done
+        time.sleep(2)
 
 
 def job_status(ray_head, submission_id: str) -> str:
