@@ -144,8 +144,10 @@ def test_config_that_is_not_yaml_exits_2(tmp_path, capsys):
         ("", "has no rows"),
         ('{"clip": "a.mp4", "question": "q"}\n', "has no video column 'video' (set input.columns.video; for text questions to a text model set input.text_only: true)"),
         (b"\xff\xfe\x00garbage", "is not UTF-8 text"),
+        ('{"id": 1, "video": "a.mp4", "question": "q"}\n{"id": 1, "video": "b.mp4", "question": "q"}\n',
+         "id '1' is used by row 1 and by row 2"),
     ],
-    ids=["missing", "broken-json", "empty", "no-video-column", "binary"],
+    ids=["missing", "broken-json", "empty", "no-video-column", "binary", "one-id-two-samples"],
 )
 @pytest.mark.parametrize("command", ["run", "validate"])
 def test_unreadable_manifest_exits_2_before_ray(command, content, message, job, tmp_path, capsys):

@@ -19,7 +19,7 @@ from videos import counter_video_bytes, frame_index
 
 from vreason_batch.io import storage
 from vreason_batch.config import InputConfig, VideoConfig
-from vreason_batch.io.manifest import ManifestError, read_samples
+from vreason_batch.io.manifest import IdConflict, ManifestError, read_samples
 from vreason_batch.io.manifest_rows import make_sample_id, normalize_answer, shard_key
 from vreason_batch.io.video import load_clip
 
@@ -165,7 +165,7 @@ def test_duplicates_are_reported_and_kept_once(tmp_path):
         {"video": "b.mp4", "question": "q"},
         {"video": "a.mp4", "question": "q", "answer": "second"},
         {"id": 7, "video": "c.mp4", "question": "q"},
-        {"id": "7", "video": "d.mp4", "question": "other"},
+        {"id": "7", "video": "c.mp4", "question": "q"},  # the same sample again (an int id reads as its string)
     ]
     result = read(write_manifest(tmp_path / "m.jsonl", rows, "jsonl"))
     assert result.num_rows == 5 and result.num_duplicates == 2
@@ -173,6 +173,30 @@ def test_duplicates_are_reported_and_kept_once(tmp_path):
     assert result.samples[0].answer_gt == "first"  # first wins
     assert "7" in result.duplicate_ids and result.samples[0].sample_id in result.duplicate_ids
     assert "2 duplicates" in result.summary()
+
+
+@pytest.mark.parametrize("other", [{"question": "another"}, {"video": "b.mp4"}, {"options": ["x", "z"]}],
+                         ids=["question", "video", "options"])
+def test_rows_that_share_an_id_and_differ_are_refused_naming_both_rows(tmp_path, other):
+    # two benchmark files concatenated, their ids restarting at 1
+    first = {"id": 1, "video": "a.mp4", "question": "q", "options": ["x", "y"]}
+    rows = [first, {"id": 2, "video": "a.mp4", "question": "r"}, {**first, **other}]
+    with pytest.raises(IdConflict) as e:
+        read(write_manifest(tmp_path / "m.jsonl", rows, "jsonl"))
+    msg = str(e.value)
+    assert "id '1' is used by row 1 and by row 3" in msg and "own id" in msg and "leave the id column out" in msg
+
+
+def test_an_id_conflict_is_found_across_id_chunks(tmp_path, monkeypatch):
+    import vreason_batch.io.manifest as manifest
+
+    monkeypatch.setattr(manifest, "ID_CHUNK", 4)
+    rows = [{"id": f"s{i}", "video": "a.mp4", "question": f"q{i}"} for i in range(10)]
+    rows += [{"id": "s7", "video": "a.mp4", "question": "q7"},  # an exact repeat: dropped as before
+             {"id": "s3", "video": "a.mp4", "question": "not q3"}]  # row 12 reuses row 4's id
+    with pytest.raises(IdConflict, match="id 's3' is used by row 4 and by row 12"):
+        read(write_manifest(tmp_path / "m.jsonl", rows, "jsonl"))
+    assert read(write_manifest(tmp_path / "ok.jsonl", rows[:11], "jsonl")).num_duplicates == 1
 
 
 def test_bad_rows_become_error_samples(tmp_path):
@@ -404,23 +428,32 @@ def test_id_set_matches_a_python_set_across_chunks_and_runs():
 
     rng = random.Random(0)
     ids = IdSet()
-    reference: set[str] = set()
+    reference: dict[str, bytes] = {}  # id -> the content it was first seen with
+    found = 0
     for _ in range(60):  # 60 chunks: several merged runs
         chunk = [f"id{rng.randrange(5000)}" for _ in range(rng.randrange(1, 200))]
-        expected = []
-        for i in chunk:
+        # mostly the id's own content; now and then other content under a known id
+        contents = [f"{i}/{rng.random() < 0.02}".encode() for i in chunk]
+        expected, conflicts = [], []
+        for k, (i, c) in enumerate(zip(chunk, contents)):
             expected.append(i not in reference)
-            reference.add(i)
-        assert ids.add_new(chunk) == expected
-    assert 1 < len(ids.runs) < 12 and sum(len(hi) for hi, _ in ids.runs) == len(reference)
+            if i in reference and reference[i] != c:
+                conflicts.append(k)
+            reference.setdefault(i, c)
+        assert ids.add_new(chunk, contents) == expected
+        assert ids.conflicts == conflicts
+        found += len(conflicts)
+    assert found > 20  # the conflict path was exercised, in many chunks
+    assert 1 < len(ids.runs) < 12 and sum(len(hi) for hi, _, _ in ids.runs) == len(reference)
 
 
 def test_duplicates_across_id_chunks(tmp_path, monkeypatch):
     import vreason_batch.io.manifest as manifest
 
     monkeypatch.setattr(manifest, "ID_CHUNK", 3)
-    rows = [{"id": f"s{i % 7}", "video": "a.mp4", "question": f"q{i}"} for i in range(20)]
+    # the same 7 samples again and again (another answer does not make another sample)
+    rows = [{"id": f"s{i % 7}", "video": "a.mp4", "question": f"q{i % 7}", "answer": f"a{i}"} for i in range(20)]
     result = read(write_manifest(tmp_path / "m.jsonl", rows, "jsonl"))
     assert [s.sample_id for s in result.samples] == [f"s{i}" for i in range(7)]
-    assert [s.question for s in result.samples] == [f"q{i}" for i in range(7)]  # first wins
+    assert [s.answer_gt for s in result.samples] == [f"a{i}" for i in range(7)]  # first wins
     assert result.num_duplicates == 13

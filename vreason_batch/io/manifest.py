@@ -12,6 +12,7 @@ manifest_rows.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from collections.abc import Iterator
@@ -79,52 +80,76 @@ def _batched(items: Iterator[Sample], n: int) -> Iterator[list[Sample]]:
 
 
 class IdSet:
-    """The sample ids seen so far, 16 bytes each: a set of 10M id strings would take ~1.5 GB.
+    """The sample ids seen so far, 24 bytes each: a set of 10M id strings would take ~1.5 GB.
 
-    Each id is kept as its 128-bit BLAKE2b digest (two uint64, `hi` and `lo`) in a few sorted
-    runs of geometric sizes (merged like an LSM tree), so adding a chunk costs a few vectorised
-    binary searches. Two different ids share a digest with probability ~n^2 / 2^129 (1e-25 for
-    10M ids): never, in practice.
+    Each id is kept as its 128-bit BLAKE2b digest (two uint64, `hi` and `lo`), with a 64-bit digest
+    of what the sample asks (`sample_identity`) beside it, in a few sorted runs of geometric sizes
+    (merged like an LSM tree), so adding a chunk costs a few vectorised binary searches. Two
+    different ids share a digest with probability ~n^2 / 2^129 (1e-25 for 10M ids): never, in
+    practice.
     """
 
     def __init__(self) -> None:
-        self.runs: list[tuple[Any, Any]] = []  # (hi sorted ascending, lo in the same order)
+        self.runs: list[tuple[Any, Any, Any]] = []  # (hi sorted ascending, lo and content in the same order)
 
-    def add_new(self, ids: list[str]) -> list[bool]:
-        """For each id, in order: whether it is new (not seen before, nor earlier in `ids`). Records all."""
+    def add_new(self, ids: list[str], contents: list[bytes] | None = None) -> list[bool]:
+        """For each id, in order: whether it is new (not seen before, nor earlier in `ids`). Records all.
+
+        With `contents` (one digest per id), an id seen before with other content is a conflict:
+        its index in `ids` is in `self.conflicts` afterwards (an exact repeat is not).
+        """
         import numpy as np
 
         digests = [hashlib.blake2b(i.encode("utf-8"), digest_size=16).digest() for i in ids]
+        content = np.array([_content_key(c) for c in contents] if contents is not None else [0] * len(ids),
+                           dtype=np.uint64)
         first: dict[bytes, int] = {}
-        for k, d in enumerate(digests):
-            first.setdefault(d, k)
+        first_of = np.fromiter((first.setdefault(d, k) for k, d in enumerate(digests)), dtype=np.int64, count=len(ids))
+        known = content.copy()  # at each id's first index in `ids`: the content it was first seen with
         new = np.zeros(len(ids), dtype=bool)
         new[np.fromiter(first.values(), dtype=np.int64, count=len(first))] = True
         q = np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2)  # [n, (hi, lo)]
         order = np.argsort(q[:, 0])
         q_hi = q[order, 0]  # sorted queries: searchsorted walks the run once, cache-friendly
-        for hi, lo in self.runs:
+        for hi, lo, seen_content in self.runs:
             left = np.searchsorted(hi, q_hi)
             for j in np.flatnonzero(hi[np.minimum(left, len(hi) - 1)] == q_hi):
                 k, pos = order[j], left[j]
                 while new[k] and pos < len(hi) and hi[pos] == q_hi[j]:  # equal hi: rare, compare lo
-                    new[k] = lo[pos] != q[k, 1]
+                    if lo[pos] == q[k, 1]:
+                        new[k], known[k] = False, seen_content[pos]
                     pos += 1
+        self.conflicts = np.flatnonzero(content != known[first_of]).tolist()
         fresh = q[new]
         if len(fresh):
             by_hi = np.argsort(fresh[:, 0], kind="stable")
-            self._push(fresh[by_hi, 0].copy(), fresh[by_hi, 1].copy())
+            self._push(fresh[by_hi, 0].copy(), fresh[by_hi, 1].copy(), content[new][by_hi].copy())
         return new.tolist()
 
-    def _push(self, hi, lo) -> None:
+    def _push(self, hi, lo, content) -> None:
         import numpy as np
 
-        self.runs.append((hi, lo))
+        self.runs.append((hi, lo, content))
         while len(self.runs) > 1 and len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0]):
-            (h2, l2), (h1, l1) = self.runs.pop(), self.runs.pop()
-            h, lo_ = np.concatenate([h1, h2]), np.concatenate([l1, l2])
+            (h2, l2, c2), (h1, l1, c1) = self.runs.pop(), self.runs.pop()
+            h, lo_, c = np.concatenate([h1, h2]), np.concatenate([l1, l2]), np.concatenate([c1, c2])
             by_hi = np.argsort(h, kind="stable")
-            self.runs.append((h[by_hi], lo_[by_hi]))
+            self.runs.append((h[by_hi], lo_[by_hi], c[by_hi]))
+
+
+def _content_key(content: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
+
+
+def sample_identity(s: Sample) -> bytes:
+    """What makes two rows the same sample: its video, question and options (the fields an id stands
+    for). Rows that share an id and agree on these are repeats (the first is kept); rows that
+    share an id and differ in any of them are two samples under one id (`IdConflict`)."""
+    return json.dumps([s.video, s.question, list(s.options)], ensure_ascii=False).encode("utf-8")
+
+
+class IdConflict(ManifestError):
+    """Two manifest rows share an id but ask different things: refused before any cluster work."""
 
 
 class ManifestReader:
@@ -153,10 +178,14 @@ class ManifestReader:
     def __iter__(self) -> Iterator[Sample]:
         seen = IdSet()
         limit = self.cfg.limit
-        for chunk in _batched(self._samples(), ID_CHUNK):
-            for s, new in zip(chunk, seen.add_new([s.sample_id for s in chunk])):
+        for chunk in _batched(self._numbered(), ID_CHUNK):
+            new = seen.add_new([s.sample_id for _, s in chunk], [sample_identity(s) for _, s in chunk])
+            if seen.conflicts:
+                number, s = chunk[seen.conflicts[0]]
+                raise self._conflict(s, number)
+            for (_, s), is_new in zip(chunk, new):
                 self.num_rows += 1
-                if not new:
+                if not is_new:
                     self.num_duplicates += 1
                     if len(self.duplicate_ids) < MAX_DUPLICATE_EXAMPLES and s.sample_id not in self.duplicate_ids:
                         self.duplicate_ids.append(s.sample_id)
@@ -169,10 +198,25 @@ class ManifestReader:
                     self.num_bad_rows += 1
                 yield s
 
-    def _samples(self) -> Iterator[Sample]:
+    def _numbered(self) -> Iterator[tuple[int, Sample]]:
+        """(row number, Sample): the manifest's row numbers, or 1-based positions in an annotation."""
         if self.cfg.annotate is not None:
-            yield from _annotation_samples(self.cfg.annotate)
-            return
+            yield from enumerate(_annotation_samples(self.cfg.annotate), start=1)
+        else:
+            yield from self._samples()
+
+    def _conflict(self, s: Sample, number: int) -> IdConflict:
+        """The error for row `number` reusing `s.sample_id`: found by reading the input again up to it."""
+        first = next(n for n, t in self._numbered() if t.sample_id == s.sample_id)
+        where = "row" if self.cfg.annotate is None else "sample"
+        return IdConflict(
+            f"{self.source}: id {s.sample_id!r} is used by {where} {first} and by {where} {number}, which ask "
+            "different things (another video, question or options); one of them would be dropped. Give every "
+            "sample its own id (for concatenated benchmark files: prefix each file's ids), or leave the id "
+            "column out so that ids are derived from video, question and options"
+        )
+
+    def _samples(self) -> Iterator[tuple[int, Sample]]:
         cfg, uri = self.cfg, self.source
         cols = cfg.columns
         base = cfg.video_root if cfg.video_root is not None else _manifest_dir(uri)
@@ -185,13 +229,13 @@ class ManifestReader:
         for number, row in iter_rows(uri, self.format):
             if isinstance(row, BadLine):
                 first_bad = first_bad or f"line {number} is {row.problem}"
-                yield bad_line_sample(row, number, dataset)
+                yield number, bad_line_sample(row, number, dataset)
                 continue
             n_good += 1
             if missing:  # column names are gathered only until every required one was seen
                 present.update(str(k) for k in row)
                 missing.difference_update(row)
-            yield row_to_sample(row, number, cols, base, dataset, cfg.text_only)
+            yield number, row_to_sample(row, number, cols, base, dataset, cfg.text_only)
         if not n_good:
             why = f": {first_bad}" if first_bad else ""
             raise ManifestError(f"manifest {uri} has no rows{why}")
