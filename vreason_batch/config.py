@@ -10,7 +10,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -116,6 +116,13 @@ class DecodingConfig(_Strict):
         "reasoning", description="prompt template: reasoning (<think>/<answer>), plain, or video_r1 (Video-R1's eval prompt)"
     )
     system_prompt: str = Field("You are a helpful assistant.", description="system message")
+    temperature: float = Field(0.0, ge=0.0, description="0 = greedy (argmax); > 0 samples from softmax(logits / T)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="sampling: keep the most likely tokens whose mass reaches top_p")
+    top_k: int = Field(0, ge=0, description="sampling: keep the k most likely tokens (0 = off)")
+    min_p: float = Field(0.0, ge=0.0, lt=1.0, description="sampling: drop tokens under min_p x the most likely one's probability")
+    seed: int = Field(0, ge=0, description="sampling: the run's seed; each (sample, mode) row draws from its own stream")
+
+    SAMPLING_KEYS: ClassVar[tuple[str, ...]] = ("temperature", "top_p", "top_k", "min_p", "seed")
 
     @field_validator("modes")
     @classmethod
@@ -240,6 +247,9 @@ class Config(_Strict):
         d = self.model_dump(mode="json")
         for k in ("input", "output", "runtime", "name"):
             d.pop(k, None)
+        if self.decoding.temperature == 0:  # greedy: the sampling knobs change nothing (nor the hashes of earlier runs)
+            for k in DecodingConfig.SAMPLING_KEYS:
+                d["decoding"].pop(k)
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

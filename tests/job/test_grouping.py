@@ -229,6 +229,8 @@ def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(mode
     assert len(calls) == 1 and calls[0][1] == 4  # the whole batch in one engine call, runtime.decode_slots slots
     reqs = calls[0][0]
     assert [r.modes for r in reqs] == [modes] * 3  # s0, s2 (a), s1 (b): the error rows are not decoded
+    # keyed by sample id, not by place in the batch: a sampled row's draws follow (seed, sample id, mode)
+    assert [r.key for r in reqs] == ["s0", "s2", "s1"]
     assert {r.video_key for r in reqs} == {a, b} and reqs[0].inputs.pixel_values_videos is reqs[1].inputs.pixel_values_videos
     assert len(patch_builds) == 2  # once per video, shared by its questions
     assert Counter((r["sample_id"], r["mode"]) for r in out) == {(f"s{i}", m): 1 for i in range(5) for m in modes}

@@ -12,6 +12,7 @@ from typing import Any
 from vreason_batch.config import Config, ControllerConfig, DecodingConfig, LiteConfig
 from vreason_batch.engine.modes import ModeSpec, get_mode
 from vreason_batch.engine.prompting import ModelInputs
+from vreason_batch.engine.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,13 @@ class DecodeSettings:
     stop_strings: tuple[str, ...]
     controller: ControllerConfig
     prune_ratio: float
+    sampling: Sampling = Sampling()  # greedy unless decoding.temperature > 0
 
     @classmethod
     def build(cls, mode: str, decoding: DecodingConfig, controller: ControllerConfig, lite: LiteConfig) -> "DecodeSettings":
-        return cls(mode=get_mode(mode), max_new_tokens=decoding.max_new_tokens,
-                   stop_strings=tuple(decoding.stop_strings), controller=controller, prune_ratio=lite.prune_ratio)
+        sampling = Sampling(**{k: getattr(decoding, k) for k in DecodingConfig.SAMPLING_KEYS})
+        return cls(mode=get_mode(mode), max_new_tokens=decoding.max_new_tokens, stop_strings=tuple(decoding.stop_strings),
+                   controller=controller, prune_ratio=lite.prune_ratio, sampling=sampling)
 
     @classmethod
     def from_config(cls, cfg: Config, mode: str) -> "DecodeSettings":

@@ -25,6 +25,7 @@ from vreason_batch.engine.last_layer import LastLayer
 from vreason_batch.engine.models import LoadedModel
 from vreason_batch.engine.modes import get_mode
 from vreason_batch.engine.prompting import ModelInputs, collate
+from vreason_batch.engine.sampling import row_seed
 from vreason_batch.engine.state import DecodeState, RowTrace, cache_rows
 
 
@@ -240,9 +241,10 @@ class Prefilled:
             rows = [RowTrace(self.reqs[i].key, m.name, len(self.reqs[i].inputs.input_ids),
                              self.reqs[i].inputs.num_video_tokens, int(k), self.t_start)
                     for (i, m), k in zip(group, kept.tolist())]
+            seed = torch.tensor([row_seed(settings.sampling.seed, r.key, r.mode) for r in rows], dtype=torch.long, device=dev)
             states.append(DecodeState(rows=rows, cache=sub, pad_mask=pm, next_ids=self.next_ids[t],
                                       next_pos=self.next_pos[..., t, :], policy=PolicyState.new(len(rows), device=dev),
-                                      ctrl=ctrl, controlled=controlled))
+                                      ctrl=ctrl, controlled=controlled, seed=seed))
         return states[0] if len(states) == 1 else DecodeState.merge(*states)
 
 

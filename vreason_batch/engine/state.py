@@ -120,6 +120,7 @@ class DecodeState:
     policy: PolicyState  # per-row EMA / peak / token count
     ctrl: ControllerState | None  # per-row dV and Adam state (None when no row is controlled)
     controlled: torch.Tensor = _batched()  # [b] bool: the row's mode updates dV (greedy rows never do)
+    seed: torch.Tensor = _batched()  # [b] int64: the row's sampling key (sampling.row_seed)
     done: list[RowTrace] = field(default_factory=list)
 
     @property

@@ -22,6 +22,7 @@ from vreason_batch.engine.controller import (
 )
 from vreason_batch.engine.last_layer import Attention, LastLayer
 from vreason_batch.engine.models import LoadedModel
+from vreason_batch.engine.sampling import choose_tokens
 from vreason_batch.engine.state import DecodeState, TokenRecord
 
 
@@ -60,7 +61,8 @@ def entropy_and_grad(head: LastLayer, att: Attention, ctrl: ControllerState, wei
 
 
 def decode_one_token(lm: LoadedModel, head: LastLayer, st: DecodeState, settings: DecodeSettings) -> Step:
-    """Advance every live row by one token: update dV where due (every k of the row's tokens), choose greedily."""
+    """Advance every live row by one token: update dV where due (every k of the row's tokens), then choose
+    it from the logits after the update (argmax, or the row's own seeded draw: sampling.py)."""
     att = forward_last_token(lm, head, st)
     cc = settings.controller
     # [b]: controlled rows update every k of their own tokens (each row keeps its own phase of k)
@@ -75,7 +77,7 @@ def decode_one_token(lm: LoadedModel, head: LastLayer, st: DecodeState, settings
         h = h_post = entropy_from_logits(logits)
         _policy_step(st.policy, h, cc)
         alpha = torch.zeros_like(h)
-    token = logits.argmax(dim=-1)
+    token = choose_tokens(logits, settings.sampling, st.seed, st.policy.steps)  # argmax unless decoding.temperature > 0
     st.next_ids, st.next_pos = token[:, None], st.next_pos + 1
     return Step(token=token, entropy=h, entropy_post=h_post, alpha=alpha, logits=logits)
 

@@ -111,8 +111,8 @@ class ModelStage:
         _maybe_inject_fault()
         rows = batch.to_pylist() if hasattr(batch, "to_pylist") else _columns_to_rows(batch)
         out: list[dict | None] = []  # one per (sample, mode), samples in batch order
-        waiting: list[tuple[int, int, str]] = []  # (index in out, request key, mode) of rows to decode
-        prepared: list[tuple[dict, Any]] = []  # by request key: (sample, model inputs)
+        waiting: list[tuple[int, str, str]] = []  # (index in out, request key, mode) of rows to decode
+        prepared: dict[str, tuple[dict, Any]] = {}  # by request key, the sample id: (sample, model inputs)
         requests: list[Request] = []
         videos: dict[str, Any] = {}  # video -> its patches (or the error building them), once per call
         for row in rows:
@@ -130,8 +130,10 @@ class ModelStage:
                 if err is not None:
                     out.extend(_error_result({**sample, "mode": m}, self.base, err[0], err[1] or "") for m in modes)
                     continue
-                key = len(prepared)
-                prepared.append((sample, x))
+                # the sample's id as its key: a sampled row's draws follow its (seed, sample id, mode),
+                # never its place in the batch (ids are unique in a run: the manifest reader sees to it)
+                key = sample["sample_id"]
+                prepared[key] = (sample, x)
                 shared = row["video"] if x.pixel_values_videos is not None else None
                 requests.append(Request(key=key, inputs=x, modes=tuple(modes), video_key=shared))
                 for m in modes:
@@ -182,7 +184,7 @@ class ModelStage:
             c.decoding.prompt, c.decoding.system_prompt if self.lm.is_vl else None,
         )
 
-    def _decode(self, requests: list) -> dict[tuple[int, str], Any]:
+    def _decode(self, requests: list) -> dict[tuple[str, str], Any]:
         """Every request through the engine in one call; if the call fails (e.g. out of memory), each
         request alone (one slot), so only the culprit's rows fail. -> {(key, mode): DecodeResult or error text}."""
         from vreason_batch.engine.api import DecodeSettings
@@ -198,7 +200,7 @@ class ModelStage:
             log.warning("decoding %d samples together failed (%s: %s); retrying one sample at a time",
                         len(requests), type(call_err).__name__, call_err)
             _free_accelerator_memory()
-        out: dict[tuple[int, str], Any] = {}
+        out: dict[tuple[str, str], Any] = {}
         for r in requests:
             try:
                 results, stats = decode_requests(self.lm, [r], settings, 1)
