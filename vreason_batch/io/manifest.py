@@ -12,7 +12,6 @@ manifest_rows.py.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from collections.abc import Iterator
@@ -101,8 +100,9 @@ class IdSet:
         import numpy as np
 
         digests = [hashlib.blake2b(i.encode("utf-8"), digest_size=16).digest() for i in ids]
-        content = np.array([_content_key(c) for c in contents] if contents is not None else [0] * len(ids),
-                           dtype=np.uint64)
+        content = np.zeros(len(ids), dtype=np.uint64)
+        if contents is not None:  # 8-byte digests, read as uint64
+            content = np.frombuffer(b"".join(hashlib.blake2b(c, digest_size=8).digest() for c in contents), dtype=np.uint64)
         first: dict[bytes, int] = {}
         first_of = np.fromiter((first.setdefault(d, k) for k, d in enumerate(digests)), dtype=np.int64, count=len(ids))
         known = content.copy()  # at each id's first index in `ids`: the content it was first seen with
@@ -137,15 +137,11 @@ class IdSet:
             self.runs.append((h[by_hi], lo_[by_hi], c[by_hi]))
 
 
-def _content_key(content: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(content, digest_size=8).digest(), "little")
-
-
 def sample_identity(s: Sample) -> bytes:
     """What makes two rows the same sample: its video, question and options (the fields an id stands
     for). Rows that share an id and agree on these are repeats (the first is kept); rows that
     share an id and differ in any of them are two samples under one id (`IdConflict`)."""
-    return json.dumps([s.video, s.question, list(s.options)], ensure_ascii=False).encode("utf-8")
+    return repr((s.video, s.question, list(s.options))).encode("utf-8", "surrogatepass")  # repr: unambiguous
 
 
 class IdConflict(ManifestError):
