@@ -9,6 +9,7 @@ import json
 from collections import Counter
 
 import pyarrow as pa
+import torch
 import pytest
 
 from videos import write_counter_video
@@ -248,31 +249,83 @@ def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(mode
     assert st["prefill_tokens"] > before["prefill_tokens"] and st["vision_encodes"] > before["vision_encodes"]
 
 
-def test_model_stage_isolates_a_sample_the_engine_fails_on(model_stage, two_videos, monkeypatch):
+def engine_failing(monkeypatch, fails):
+    """Make the engine raise `fails(reqs, slots)` (an exception, or None to decode); returns the calls."""
     import vreason_batch.engine.driver as driver
 
-    a, b = two_videos
-    stage_rows = run_video_stage(plan_table([a, b, a], modes=("greedy", "vreason")))
-    calls = []
-    real = driver.decode_requests
+    calls, real = [], driver.decode_requests
 
-    def fails_on_b(lm, reqs, settings, slots):  # the engine raises for any call holding s1 (on video b)
+    def engine(lm, reqs, settings, slots):
         calls.append((len(reqs), slots))
-        if any(r.video_key == b for r in reqs):
-            raise RuntimeError("CUDA out of memory (injected)")
+        e = fails(reqs, slots)
+        if e is not None:
+            raise e
         return real(lm, reqs, settings, slots)
 
-    monkeypatch.setattr(driver, "decode_requests", fails_on_b)
+    monkeypatch.setattr(driver, "decode_requests", engine)
+    return calls
 
+
+def decoded_by_key(model_stage, two_videos):
+    a, b = two_videos
+    stage_rows = run_video_stage(plan_table([a, b, a], modes=("greedy", "vreason")))
     out = model_stage(pa.Table.from_pylist(stage_rows, schema=stages.stage_schema())).to_pylist()
-
-    assert calls == [(3, 4), (1, 1), (1, 1), (1, 1)]  # the whole call failed, then each request alone, one slot
     by_key = {(r["sample_id"], r["mode"]): r for r in out}
     assert len(out) == len(by_key) == 6
+    return by_key
+
+
+def assert_answered(by_key, ids):
     for m in ("greedy", "vreason"):
-        assert by_key[("s1", m)]["error_type"] == "decode_error" and "out of memory" in by_key[("s1", m)]["error"]
-        for ok in ("s0", "s2"):
+        for ok in ids:
             assert by_key[(ok, m)]["error_type"] is None and by_key[(ok, m)]["output_text"] is not None
+
+
+def test_model_stage_isolates_a_sample_the_engine_fails_on(model_stage, two_videos, monkeypatch):
+    b = two_videos[1]
+    calls = engine_failing(monkeypatch, lambda reqs, slots: ValueError("bad sample (injected)")
+                           if any(r.video_key == b for r in reqs) else None)
+    by_key = decoded_by_key(model_stage, two_videos)
+    assert calls == [(3, 4), (1, 1), (1, 1), (1, 1)]  # the whole call failed, then each request alone, one slot
+    for m in ("greedy", "vreason"):
+        assert by_key[("s1", m)]["error_type"] == "decode_error" and "bad sample" in by_key[("s1", m)]["error"]
+    assert_answered(by_key, ("s0", "s2"))
+
+
+def test_out_of_memory_backs_off_to_fewer_slots(model_stage, two_videos, monkeypatch):
+    calls = engine_failing(monkeypatch, lambda reqs, slots: torch.OutOfMemoryError("CUDA out of memory (injected)")
+                           if slots > 2 else None)
+    by_key = decoded_by_key(model_stage, two_videos)
+    assert calls == [(3, 4), (3, 2)]  # the same requests on half the slots: every row answered
+    assert_answered(by_key, ("s0", "s1", "s2"))
+
+
+def test_a_sample_too_large_alone_is_an_out_of_memory_row(model_stage, two_videos, monkeypatch):
+    b = two_videos[1]
+    calls = engine_failing(monkeypatch, lambda reqs, slots: RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")
+                           if any(r.video_key == b for r in reqs) else None)
+    by_key = decoded_by_key(model_stage, two_videos)
+    assert calls == [(3, 4), (3, 2), (3, 1), (1, 1), (1, 1), (1, 1)]  # fewer slots, down to one; then alone
+    for m in ("greedy", "vreason"):
+        r = by_key[("s1", m)]
+        assert r["error_type"] == "out_of_memory" and "alone, on one slot" in r["error"]
+    assert_answered(by_key, ("s0", "s2"))
+
+
+def test_a_device_error_leaves_the_actor_and_records_nothing(model_stage, two_videos, monkeypatch):
+    import vreason_batch.job.stages.model as model_module
+
+    class Exited(Exception):
+        pass
+
+    def exit_for_restart(e):
+        raise Exited(str(e))
+
+    monkeypatch.setattr(model_module, "exit_for_restart", exit_for_restart)
+    calls = engine_failing(monkeypatch, lambda reqs, slots: RuntimeError("CUDA error: an illegal memory access"))
+    with pytest.raises(Exited, match="illegal memory access"):
+        decoded_by_key(model_stage, two_videos)
+    assert calls == [(3, 4)]  # no retry in a poisoned process, no error rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from vreason_batch.job.pipeline import run_job
 from vreason_batch.job.plan import OutputConflict, plan_run
 from vreason_batch.job.results import RUNS_DIR
 from vreason_batch.io.schema import OUTPUT_SCHEMA, VIDEO_BACKENDS
+from vreason_batch.job.stages.healing import ENGINE_FAULT_ENV
 from vreason_batch.job.stages.model import FAULT_ENV
 
 pytestmark = pytest.mark.pipeline
@@ -146,7 +147,16 @@ def fault_marker(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def local_ray(s3_server, fault_marker):
+def device_fault_marker(tmp_path_factory) -> Path:
+    """The ENGINE_FAULT_ENV marker (disarmed). Deleted: the next model actor to decode gets a
+    poisoned device for good; holding "always": every actor does."""
+    marker = tmp_path_factory.mktemp("device-fault") / "poisoned"
+    marker.write_text("disarmed")
+    return marker
+
+
+@pytest.fixture(scope="module")
+def local_ray(s3_server, fault_marker, device_fault_marker):
     """One local Ray for the in-process tests; run_job joins it. Started after s3_server has set
     AWS_ENDPOINT_URL, which the workers inherit (they read videos from the moto server).
     Module scope: Ray is gone again before other modules (test_cli asserts it never starts)."""
@@ -154,7 +164,8 @@ def local_ray(s3_server, fault_marker):
 
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, log_to_driver=True,
-        runtime_env={"env_vars": {FAULT_ENV: str(fault_marker)}},  # env set after init would not reach workers
+        # env set after init would not reach workers
+        runtime_env={"env_vars": {FAULT_ENV: str(fault_marker), ENGINE_FAULT_ENV: str(device_fault_marker)}},
     )
     yield
     ray.shutdown()
@@ -424,6 +435,43 @@ def test_actor_killed_mid_batch_is_retried_exactly_once(local_ray, fault_marker,
     # the rows came from a restarted actor, not from the one that died
     actors = run_record(out, res.run_id)["actor_metrics"]
     assert actors and all(not a.endswith(f":{killed_pid}") for a in actors), (killed_pid, list(actors))
+
+
+def test_a_poisoned_device_heals_in_a_fresh_actor(local_ray, device_fault_marker, counter_videos, tmp_path):
+    rows = counter_rows(counter_videos[:4])
+    out = str(tmp_path / "out")
+    cfg = tiny_config(write_jsonl(tmp_path / "manifest.jsonl", rows), out)
+    device_fault_marker.unlink()  # arm: the first actor to decode keeps failing with a CUDA error
+    try:
+        res = run_job(cfg)
+        poisoned_pid = device_fault_marker.read_text()
+    finally:
+        device_fault_marker.write_text("disarmed")
+
+    assert poisoned_pid.isdigit(), "the fault was not injected"
+    assert (res.rows_written, res.rows_failed) == (8, 0)  # every row answered, none as an error
+    table = read_results(out)
+    assert_exactly_once(table, [r["id"] for r in rows])
+    assert_good_rows(table.to_pylist())
+    actors = run_record(out, res.run_id)["actor_metrics"]
+    assert actors and all(not a.endswith(f":{poisoned_pid}") for a in actors), (poisoned_pid, list(actors))
+
+
+def test_a_sample_that_breaks_every_device_ends_the_run(local_ray, device_fault_marker, counter_videos, tmp_path):
+    rows = counter_rows(counter_videos[:2])
+    out = str(tmp_path / "out")
+    # no retries: each would meet the same poisoned device (bounded retries are what end it; 0 keeps the test short)
+    cfg = tiny_config(write_jsonl(tmp_path / "manifest.jsonl", rows), out,
+                      "runtime.max_task_retries=0", "runtime.max_pipeline_restarts=0")
+    device_fault_marker.write_text("always")
+    try:
+        with pytest.raises(Exception) as failed:  # bounded by runtime.max_task_retries: no endless loop
+            run_job(cfg)
+    finally:
+        device_fault_marker.write_text("disarmed")
+    assert "actor died" in str(failed.value).lower(), str(failed.value)[-2000:]  # the actor left; it wrote nothing
+    written = read_results(out) if os.path.isdir(out) and any(Path(out).rglob("*.parquet")) else None
+    assert written is None or written.num_rows == 0  # nothing recorded as done
 
 
 # ---------------------------------------------------------------------------------------------

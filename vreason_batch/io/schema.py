@@ -27,7 +27,8 @@ ERROR_TYPES = (
     "video_empty",  # zero-byte file
     "video_unreadable",  # not a video, truncated, no decodable frames
     "video_too_large",  # absurd resolution
-    "decode_error",  # the model failed on this sample (e.g. out of memory)
+    "decode_error",  # the model failed on this sample
+    "out_of_memory",  # the sample does not fit the device even alone, on one slot
     "internal_error",  # anything else; a bug to report
 )
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from vreason_batch.config import Config
 from vreason_batch.job.metrics import ActorMetrics
+from vreason_batch.job.stages.healing import DeviceUnusable, decode_healing, exit_for_restart, injected_fault
 from vreason_batch.io.schema import SCHEMA_VERSION, empty_row, rows_to_table
 
 log = logging.getLogger(__name__)
@@ -140,13 +141,16 @@ class ModelStage:
                     waiting.append((len(out), key, m))
                     out.append(None)
         t_decode = time.perf_counter()
-        decoded = self._decode(requests) if requests else {}
+        try:
+            decoded = self._decode(requests) if requests else {}
+        except DeviceUnusable as e:  # nothing of this batch is recorded: a fresh actor decodes it
+            exit_for_restart(e)
         decode_s = time.perf_counter() - t_decode
         for i, key, m in waiting:
             sample, x = prepared[key]
-            o = decoded.get((key, m), "the engine returned no result for this row")
-            if isinstance(o, str):
-                out[i] = _error_result({**sample, "mode": m}, self.base, "decode_error", o)
+            o = decoded.get((key, m), ("internal_error", "the engine returned no result for this row"))
+            if isinstance(o, tuple):
+                out[i] = _error_result({**sample, "mode": m}, self.base, *o)
             else:
                 out[i] = self._result_row({**sample, "mode": m}, x, o)
         decoded_modes = {m for r in requests for m in r.modes}
@@ -185,31 +189,22 @@ class ModelStage:
         )
 
     def _decode(self, requests: list) -> dict[tuple[str, str], Any]:
-        """Every request through the engine in one call; if the call fails (e.g. out of memory), each
-        request alone (one slot), so only the culprit's rows fail. -> {(key, mode): DecodeResult or error text}."""
+        """Every request through the engine in one call, healed (healing.py) when it fails: fewer
+        slots on out of memory, each request alone otherwise. -> {(key, mode): DecodeResult or
+        (error_type, error text)}. Raises DeviceUnusable."""
         from vreason_batch.engine.api import DecodeSettings
         from vreason_batch.engine.driver import decode_requests
 
         # the engine takes each request's modes; the settings' own mode is not used
         settings = DecodeSettings.from_config(self.cfg, requests[0].modes[0])
-        try:
-            results, stats = decode_requests(self.lm, requests, settings, self.cfg.runtime.decode_slots)
+
+        def decode(reqs: list, slots: int) -> dict:
+            injected_fault()
+            results, stats = decode_requests(self.lm, reqs, settings, slots)
             self._count_engine(stats)
             return results
-        except Exception as call_err:  # noqa: BLE001 - isolate the failing sample below
-            log.warning("decoding %d samples together failed (%s: %s); retrying one sample at a time",
-                        len(requests), type(call_err).__name__, call_err)
-            _free_accelerator_memory()
-        out: dict[tuple[str, str], Any] = {}
-        for r in requests:
-            try:
-                results, stats = decode_requests(self.lm, [r], settings, 1)
-                self._count_engine(stats)
-                out.update(results)
-            except Exception as e:  # noqa: BLE001 - this sample's rows become decode_error rows
-                _free_accelerator_memory()
-                out.update({(r.key, m): f"{type(e).__name__}: {e}" for m in r.modes})
-        return out
+
+        return decode_healing(decode, requests, self.cfg.runtime.decode_slots)
 
     def _count_engine(self, stats) -> None:
         for k in ENGINE_COUNTS:
@@ -279,13 +274,6 @@ def _columns_to_rows(batch: dict) -> list[dict]:
 
 def _plain(v):
     return v.tolist() if hasattr(v, "tolist") else v
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _maybe_inject_fault() -> None:
