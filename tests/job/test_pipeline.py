@@ -474,6 +474,21 @@ def test_a_sample_that_breaks_every_device_ends_the_run(local_ray, device_fault_
     assert written is None or written.num_rows == 0  # nothing recorded as done
 
 
+@pytest.mark.parametrize("override, says", [
+    ("runtime.num_gpus_per_actor=1", "no node has a GPU"),  # a GPU config run with model.device=cpu
+    ("runtime.num_cpus_per_actor=2", "leave none for the video stage"),  # the actor takes both of the 2 CPUs
+])
+def test_a_run_that_cannot_be_placed_exits_before_any_work(local_ray, counter_videos, tmp_path, override, says):
+    from vreason_batch.job.resources import Unschedulable
+
+    out = tmp_path / "out"
+    cfg = tiny_config(write_jsonl(tmp_path / "manifest.jsonl", counter_rows(counter_videos[:2])), str(out), override)
+    with pytest.raises(Unschedulable, match=says) as e:
+        run_job(cfg)
+    assert "cannot grow: no autoscaler" in str(e.value) and override.split("=")[0] in str(e.value)
+    assert not list(out.rglob("*.parquet")) and not list(out.rglob("_runs/*.json"))  # no work, no run record
+
+
 # ---------------------------------------------------------------------------------------------
 # 5. The driver is killed mid-run; a re-run completes without duplicates
 

@@ -23,6 +23,7 @@ from vreason_batch.config import Config
 from vreason_batch.job.lease import Lease, LeaseLost
 from vreason_batch.job.metrics import metrics_collector_class
 from vreason_batch.job.plan import RunPlan, input_blocks, new_run_id, plan_run
+from vreason_batch.job.resources import WaitingNotice, check_schedulable
 from vreason_batch.job.results import ResultSink, RunResult, write_run_record
 from vreason_batch.job.stages import ModelStage, model_batch_rows, model_needs_video, video_stage
 
@@ -191,6 +192,7 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
         f"{plan.num_pairs_total} (sample, mode) rows already in {cfg.output.uri}; {plan.num_pairs_pending} to do",
         flush=True,
     )
+    missing = _place(cfg, plan)
     write_run_record(cfg, plan, "running")
     t0 = time.perf_counter()
     if plan.num_pairs_pending == 0:
@@ -198,7 +200,6 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
         write_run_record(cfg, plan, "finished", result)
         return result
 
-    init_ray()
     # on the driver's node: a node lost mid-run must not take the run's metrics with it
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     metrics = metrics_collector_class().options(scheduling_strategy=here).remote()
@@ -212,7 +213,8 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
         while todo.num_pairs_pending:
             may_restart = len(restarts) < cfg.runtime.max_pipeline_restarts
             try:
-                lost = _drain(build_dataset(cfg, todo, metrics), sink, progress, may_restart)
+                with WaitingNotice(cfg, missing, cfg.runtime.progress_interval_s):
+                    lost = _drain(build_dataset(cfg, todo, metrics), sink, progress, may_restart)
             finally:
                 _end_model_actors(metrics)
             if lost is None:
@@ -238,6 +240,15 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     actor_metrics = ray.get(metrics.get.remote())
     write_run_record(cfg, plan, "finished", result, {"actor_metrics": actor_metrics, "pipeline_restarts": restarts})
     return result
+
+
+def _place(cfg: Config, plan: RunPlan) -> str | None:
+    """Start Ray for a run with work to do, and check that its stages can be placed: Unschedulable
+    (before any work) when they cannot and the cluster cannot grow; what is missing when it may."""
+    if not plan.num_pairs_pending:
+        return None
+    init_ray()
+    return check_schedulable(cfg)
 
 
 def _drain(ds, sink: ResultSink, progress: _Progress, may_restart: bool) -> str | None:
