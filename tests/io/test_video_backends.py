@@ -5,6 +5,7 @@ animated images; files without video; FFmpeg's log lines kept out of the log."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from videos import (
 )
 
 from vreason_batch.config import VideoConfig
-from vreason_batch.io import storage, video_probe, video_pyav
+from vreason_batch.io import remote_video, storage, video, video_probe, video_pyav
 from vreason_batch.io.schema import OUTPUT_SCHEMA, VIDEO_BACKENDS
 from vreason_batch.io.video import VideoError, load_clip, sample_indices, sniff_container
 from vreason_batch.io.video_probe import Probe, choose_backend
@@ -360,3 +361,36 @@ def test_decords_ffmpeg_says_nothing_on_stderr(tmp_path, capfd):
 def test_the_backend_column_is_in_the_schema():
     assert OUTPUT_SCHEMA.field("video_backend").type == "string"
     assert VIDEO_BACKENDS == ("decord", "pyav", "pillow")
+
+
+# ---------------------------------------------------------------------------------------------
+# Large S3 objects: ranged reads, never the whole object in memory
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_a_large_s3_video_is_read_in_ranges_or_spooled_to_disk(tmp_path, s3_bucket, monkeypatch, backend):
+    path = write_counter_clip(tmp_path / "long.mp4", "mp4", "libx264", 240, FPS, 320, 240,
+                              {"crf": "10", "g": "24"}, {"movflags": "faststart"})
+    uri = f"s3://{s3_bucket}/videos/long.mp4"
+    storage.write_bytes(uri, path.read_bytes())
+    monkeypatch.setattr(video, "S3_IN_MEMORY_MAX_BYTES", 0)  # every object counts as large
+    monkeypatch.setattr(remote_video, "READ_BUFFER_BYTES", 4096)
+    made: list[remote_video.RemoteVideo] = []
+    real = remote_video.RemoteVideo.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(remote_video.RemoteVideo, "__init__", spy)
+    whole = []
+    monkeypatch.setattr(storage, "read_bytes", lambda *a, **k: whole.append(a) or b"")
+    clip = load_clip(uri, VideoConfig(num_frames=8, backend=backend))
+    local = load_clip(str(path), VideoConfig(num_frames=8, backend=backend))
+    assert clip.frame_indices == local.frame_indices and np.array_equal(clip.frames, local.frames)
+    assert not whole, "the object was never fetched whole into memory"
+    [remote] = made
+    assert remote.size == path.stat().st_size
+    if backend == "pyav":
+        assert remote.counts.largest_get <= 4096 and remote.counts.gets > 1
+    assert not list(Path(tempfile.gettempdir()).glob("vreason-video-*")), "the spooled copy is removed"

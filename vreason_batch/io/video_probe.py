@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from vreason_batch.io.clip import VideoError, short_message
+from vreason_batch.io.remote_video import RemoteVideo
 
 # Containers whose timestamps decord 0.6 does not seek by correctly (FFmpeg demuxer names).
 UNSEEKABLE_FOR_DECORD = ("mpegts", "mpeg", "mpegvideo")
@@ -68,8 +69,11 @@ def quiet_ffmpeg(av: Any) -> Iterator[None]:
             av.logging.set_level(level)
 
 
-def open_container(av: Any, source: str | bytes) -> Any:
-    """An input container on a local path or on an object's bytes (a fresh file object each time)."""
+def open_container(av: Any, source: str | bytes | RemoteVideo) -> Any:
+    """An input container on a local path, an object's bytes or a large S3 object read in ranges
+    (a fresh file object each time)."""
+    if isinstance(source, RemoteVideo):
+        return av.open(source.open(), mode="r")
     return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r")
 
 
