@@ -347,6 +347,40 @@ def test_a_decode_error_reaches_the_row_with_ffmpegs_error_text(tmp_path, caplog
     assert av.logging.get_level() is None and not [r for r in caplog.records if r.name.startswith("libav")]
 
 
+def _chattering_clip(tmp_path: Path) -> Path:
+    """An H.264 mp4 with 8 bytes overwritten in one frame: FFmpeg conceals the damage and says so
+    ("left block unavailable ..."), and every frame still decodes."""
+    path = write_counter_clip(tmp_path / "whole.mp4", "mp4", "libx264", 120, FPS, 128, 96, {"crf": "18", "g": "24"},
+                              {"movflags": "faststart"})
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    [at] = rng.integers(data.index(b"mdat") + 1000, len(data) - 100, 1)
+    data[at : at + 8] = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()
+    chatty = tmp_path / "chatty.mp4"
+    chatty.write_bytes(bytes(data))
+    return chatty
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_a_clip_ffmpeg_chatters_on_decodes_silently(tmp_path, caplog, capfd, backend):
+    path = _chattering_clip(tmp_path)
+    caplog.set_level(logging.DEBUG)
+    av.logging.set_level(av.logging.VERBOSE)  # as a library that turns PyAV's logging on would
+    try:
+        with av.open(str(path)) as container:
+            container.streams.video[0].thread_count = 1  # logging on and FFmpeg threads can deadlock on close
+            assert sum(1 for _ in container.decode(video=0)) == 120, "it decodes"
+        assert any(r.name.startswith("libav") for r in caplog.records), "and FFmpeg talks while it does"
+        caplog.clear()
+        capfd.readouterr()
+        clip = load_clip(str(path), VideoConfig(num_frames=16, backend=backend))
+    finally:
+        av.logging.set_level(None)
+    assert clip.backend == backend and len(clip.frame_indices) == 16
+    assert not [r for r in caplog.records if r.name.startswith("libav")]
+    assert "[h264 @" not in capfd.readouterr().err
+
+
 def test_decords_ffmpeg_says_nothing_on_stderr(tmp_path, capfd):
     path = _corrupt_clip(tmp_path)
     with pytest.raises(VideoError):
