@@ -428,3 +428,6 @@ def test_a_large_s3_video_is_read_in_ranges_or_spooled_to_disk(tmp_path, s3_buck
     if backend == "pyav":
         assert remote.counts.largest_get <= 4096 and remote.counts.gets > 1
     assert not list(Path(tempfile.gettempdir()).glob("vreason-video-*")), "the spooled copy is removed"
+    auto = load_clip(uri, VideoConfig(num_frames=8, backend="auto"))
+    assert auto.backend == "pyav", "auto reads a large S3 object with PyAV (flat memory)"
+    assert np.array_equal(auto.frames, local.frames)

@@ -6,7 +6,8 @@ with PyAV (video_probe.py) and read by the backend `video.backend` names, or wit
 one that is right for it: decord (video_decord.py) where it is known to be right, PyAV
 (video_pyav.py, frame-accurate on every container) where it is not, and PyAV again when decord
 fails to open or decode a file. An s3:// object over S3_IN_MEMORY_MAX_BYTES is never fetched
-into memory (remote_video.py): PyAV reads it in ranged GETs, decord from a temporary copy on disk.
+into memory (remote_video.py): PyAV reads it in ranged GETs (and "auto" picks PyAV for it),
+decord from a temporary copy on disk.
 Every reader returns the frames at the sampled indices, as displayed (rotation applied), and says
 in `VideoClip.backend` which one it was.
 
@@ -151,7 +152,10 @@ def load_clip(uri: str, cfg: VideoConfig) -> VideoClip:
     if kind == "image":
         return load_image(uri, source, cfg)
     found = probe(uri, source)
-    if choose_backend(found, cfg.backend) == "pyav":
+    # decord's peak memory grows with the file (README, "Video readers"); PyAV's through ranged
+    # reads does not, so auto reads a large S3 object with PyAV.
+    large_remote = isinstance(source, RemoteVideo) and cfg.backend == "auto"
+    if large_remote or choose_backend(found, cfg.backend) == "pyav":
         return load_pyav(uri, source, cfg)
     try:
         return _load_decord(uri, source, found, cfg)
