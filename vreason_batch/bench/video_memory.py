@@ -77,7 +77,8 @@ def spy(self, *a, **k):
 remote_video.RemoteVideo.__init__ = spy
 video.S3_IN_MEMORY_MAX_BYTES = 0  # the small object too goes the large-object way, to compare
 clip = video.load_clip(sys.argv[1], VideoConfig(num_frames=16, backend=sys.argv[2]))
-print(json.dumps({"bytes_read": made[0].counts.bytes_read if made else None, "gets": made[0].counts.gets if made else None,
+counts = made[0].counts
+print(json.dumps({"bytes_read": counts.bytes_read, "gets": counts.gets,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "backend": clip.backend}))
 """
 

@@ -94,3 +94,6 @@ class RemoteVideo:
             yield path
         finally:
             os.unlink(path)
+
+
+VideoSource = str | bytes | RemoteVideo  # what the readers open: a local path, a small object's bytes, a large object

@@ -23,7 +23,7 @@ import os
 from vreason_batch.config import VideoConfig
 from vreason_batch.io import storage
 from vreason_batch.io.clip import VideoClip, VideoError, decode_size, sample_indices
-from vreason_batch.io.remote_video import RemoteVideo
+from vreason_batch.io.remote_video import RemoteVideo, VideoSource as Source
 from vreason_batch.io.video_decord import load_decord
 from vreason_batch.io.video_image import load_image
 from vreason_batch.io.video_probe import Probe, choose_backend, probe
@@ -89,8 +89,6 @@ _SNIFF_BYTES = 256
 # An s3:// video larger than this is not fetched into memory: PyAV reads it through ranged GETs
 # (remote_video.RemoteVideo), decord from a temporary copy on disk. Smaller ones are one GET.
 S3_IN_MEMORY_MAX_BYTES = 64 * 2**20
-
-Source = str | bytes | RemoteVideo  # a local path, a small object's bytes, or a large object
 
 
 def _open_s3(uri: str) -> tuple[Source, bytes, int]:
