@@ -431,3 +431,21 @@ def test_a_large_s3_video_is_read_in_ranges_or_spooled_to_disk(tmp_path, s3_buck
     auto = load_clip(uri, VideoConfig(num_frames=8, backend="auto"))
     assert auto.backend == "pyav", "auto reads a large S3 object with PyAV (flat memory)"
     assert np.array_equal(auto.frames, local.frames)
+
+
+def test_an_s3_outage_mid_read_stays_a_storage_error_not_an_error_row(tmp_path, s3_bucket, monkeypatch):
+    path = write_counter_clip(tmp_path / "c.mp4", "mp4", "libx264", 48, FPS, 128, 96, {"g": "12"})
+    uri = f"s3://{s3_bucket}/videos/c.mp4"
+    storage.write_bytes(uri, path.read_bytes())
+    monkeypatch.setattr(video, "S3_IN_MEMORY_MAX_BYTES", 0)
+    real, calls = storage.s3_read_range, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) > 1:  # the head is read, then the store goes away
+            raise storage.StorageError(f"{uri}: read failed: connection reset (after retries)")
+        return real(*args)
+
+    monkeypatch.setattr(storage, "s3_read_range", flaky)
+    with pytest.raises(storage.StorageError):
+        load_clip(uri, VideoConfig(num_frames=8, backend="pyav"))
