@@ -5,6 +5,7 @@ animated images; files without video; FFmpeg's log lines kept out of the log."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from videos import (
 )
 
 from vreason_batch.config import VideoConfig
-from vreason_batch.io import storage, video_probe, video_pyav
+from vreason_batch.io import remote_video, storage, video, video_probe, video_pyav
 from vreason_batch.io.schema import OUTPUT_SCHEMA, VIDEO_BACKENDS
 from vreason_batch.io.video import VideoError, load_clip, sample_indices, sniff_container
 from vreason_batch.io.video_probe import Probe, choose_backend
@@ -346,6 +347,40 @@ def test_a_decode_error_reaches_the_row_with_ffmpegs_error_text(tmp_path, caplog
     assert av.logging.get_level() is None and not [r for r in caplog.records if r.name.startswith("libav")]
 
 
+def _chattering_clip(tmp_path: Path) -> Path:
+    """An H.264 mp4 with 8 bytes overwritten in one frame: FFmpeg conceals the damage and says so
+    ("left block unavailable ..."), and every frame still decodes."""
+    path = write_counter_clip(tmp_path / "whole.mp4", "mp4", "libx264", 120, FPS, 128, 96, {"crf": "18", "g": "24"},
+                              {"movflags": "faststart"})
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    [at] = rng.integers(data.index(b"mdat") + 1000, len(data) - 100, 1)
+    data[at : at + 8] = rng.integers(0, 256, 8, dtype=np.uint8).tobytes()
+    chatty = tmp_path / "chatty.mp4"
+    chatty.write_bytes(bytes(data))
+    return chatty
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_a_clip_ffmpeg_chatters_on_decodes_silently(tmp_path, caplog, capfd, backend):
+    path = _chattering_clip(tmp_path)
+    caplog.set_level(logging.DEBUG)
+    av.logging.set_level(av.logging.VERBOSE)  # as a library that turns PyAV's logging on would
+    try:
+        with av.open(str(path)) as container:
+            container.streams.video[0].thread_count = 1  # logging on and FFmpeg threads can deadlock on close
+            assert sum(1 for _ in container.decode(video=0)) == 120, "it decodes"
+        assert any(r.name.startswith("libav") for r in caplog.records), "and FFmpeg talks while it does"
+        caplog.clear()
+        capfd.readouterr()
+        clip = load_clip(str(path), VideoConfig(num_frames=16, backend=backend))
+    finally:
+        av.logging.set_level(None)
+    assert clip.backend == backend and len(clip.frame_indices) == 16
+    assert not [r for r in caplog.records if r.name.startswith("libav")]
+    assert capfd.readouterr().err == "", "nothing on fd 2, where decord's C code writes"
+
+
 def test_decords_ffmpeg_says_nothing_on_stderr(tmp_path, capfd):
     path = _corrupt_clip(tmp_path)
     with pytest.raises(VideoError):
@@ -360,3 +395,57 @@ def test_decords_ffmpeg_says_nothing_on_stderr(tmp_path, capfd):
 def test_the_backend_column_is_in_the_schema():
     assert OUTPUT_SCHEMA.field("video_backend").type == "string"
     assert VIDEO_BACKENDS == ("decord", "pyav", "pillow")
+
+
+# ---------------------------------------------------------------------------------------------
+# Large S3 objects: ranged reads, never the whole object in memory
+
+
+@pytest.mark.parametrize("backend", ["pyav", "decord"])
+def test_a_large_s3_video_is_read_in_ranges_or_spooled_to_disk(tmp_path, s3_bucket, monkeypatch, backend):
+    path = write_counter_clip(tmp_path / "long.mp4", "mp4", "libx264", 240, FPS, 320, 240,
+                              {"crf": "10", "g": "24"}, {"movflags": "faststart"})
+    uri = f"s3://{s3_bucket}/videos/long.mp4"
+    storage.write_bytes(uri, path.read_bytes())
+    monkeypatch.setattr(video, "S3_IN_MEMORY_MAX_BYTES", 0)  # every object counts as large
+    monkeypatch.setattr(remote_video, "READ_BUFFER_BYTES", 4096)
+    made: list[remote_video.RemoteVideo] = []
+    real = remote_video.RemoteVideo.__init__
+
+    def spy(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(remote_video.RemoteVideo, "__init__", spy)
+    whole = []
+    monkeypatch.setattr(storage, "read_bytes", lambda *a, **k: whole.append(a) or b"")
+    clip = load_clip(uri, VideoConfig(num_frames=8, backend=backend))
+    local = load_clip(str(path), VideoConfig(num_frames=8, backend=backend))
+    assert clip.frame_indices == local.frame_indices and np.array_equal(clip.frames, local.frames)
+    assert not whole, "the object was never fetched whole into memory"
+    [remote] = made
+    assert remote.size == path.stat().st_size
+    if backend == "pyav":
+        assert remote.counts.largest_get <= 4096 and remote.counts.gets > 1
+    assert not list(Path(tempfile.gettempdir()).glob("vreason-video-*")), "the spooled copy is removed"
+    auto = load_clip(uri, VideoConfig(num_frames=8, backend="auto"))
+    assert auto.backend == "pyav", "auto reads a large S3 object with PyAV (flat memory)"
+    assert np.array_equal(auto.frames, local.frames)
+
+
+def test_an_s3_outage_mid_read_stays_a_storage_error_not_an_error_row(tmp_path, s3_bucket, monkeypatch):
+    path = write_counter_clip(tmp_path / "c.mp4", "mp4", "libx264", 48, FPS, 128, 96, {"g": "12"})
+    uri = f"s3://{s3_bucket}/videos/c.mp4"
+    storage.write_bytes(uri, path.read_bytes())
+    monkeypatch.setattr(video, "S3_IN_MEMORY_MAX_BYTES", 0)
+    real, calls = storage.s3_read_range, []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) > 1:  # the head is read, then the store goes away
+            raise storage.StorageError(f"{uri}: read failed: connection reset (after retries)")
+        return real(*args)
+
+    monkeypatch.setattr(storage, "s3_read_range", flaky)
+    with pytest.raises(storage.StorageError):
+        load_clip(uri, VideoConfig(num_frames=8, backend="pyav"))

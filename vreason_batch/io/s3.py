@@ -131,6 +131,17 @@ def read_bytes(uri: str, bucket: str, key: str) -> bytes:
     return _s3_call(get, uri, "read")
 
 
+def object_size(uri: str, bucket: str, key: str) -> int:
+    """The object's size in bytes (a HEAD request)."""
+    return int(_s3_call(lambda: s3_client().head_object(Bucket=bucket, Key=key), uri, "head")["ContentLength"])
+
+
+def read_range(uri: str, bucket: str, key: str, start: int, length: int) -> bytes:
+    """`length` bytes from `start` (fewer at the object's end): one ranged GET, retried."""
+    rng = f"bytes={start}-{start + length - 1}"
+    return _s3_call(lambda: s3_client().get_object(Bucket=bucket, Key=key, Range=rng)["Body"].read(), uri, "read")
+
+
 def iter_chunks(uri: str, bucket: str, key: str, chunk_bytes: int) -> Iterator[bytes]:
     """One ranged GET per chunk, each retried on its own, so a connection reset mid-object costs
     one chunk, not the whole read."""

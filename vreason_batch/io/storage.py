@@ -90,6 +90,18 @@ def read_bytes(uri: str) -> bytes:
     return s3.read_bytes(uri, bucket, key)
 
 
+def s3_object_size(uri: str) -> int:
+    """An s3:// object's size in bytes. Raises NotFound when it does not exist."""
+    _, bucket, key = parse_uri(uri)
+    return s3.object_size(uri, bucket, key)
+
+
+def s3_read_range(uri: str, start: int, length: int) -> bytes:
+    """`length` bytes of an s3:// object from `start` (fewer at its end), in one ranged GET."""
+    _, bucket, key = parse_uri(uri)
+    return s3.read_range(uri, bucket, key, start, length)
+
+
 # S3 objects are streamed in ranged GETs of this size; each range is one retried call.
 READ_CHUNK_BYTES = 8 * 2**20
 

@@ -5,8 +5,11 @@ still image is a one-frame clip, an animated GIF / WebP a video); a video contai
 with PyAV (video_probe.py) and read by the backend `video.backend` names, or with "auto" by the
 one that is right for it: decord (video_decord.py) where it is known to be right, PyAV
 (video_pyav.py, frame-accurate on every container) where it is not, and PyAV again when decord
-fails to open or decode a file. Every reader returns the frames at the sampled indices, as
-displayed (rotation applied), and says in `VideoClip.backend` which one it was.
+fails to open or decode a file. An s3:// object over S3_IN_MEMORY_MAX_BYTES is never fetched
+into memory (remote_video.py): PyAV reads it in ranged GETs (and "auto" picks PyAV for it),
+decord from a temporary copy on disk.
+Every reader returns the frames at the sampled indices, as displayed (rotation applied), and says
+in `VideoClip.backend` which one it was.
 
 Every way a video can be bad ends as a `VideoError` whose `error_type` is one of
 `schema.ERROR_TYPES`; storage trouble that outlasts the retries (throttling, network) is left
@@ -20,9 +23,10 @@ import os
 from vreason_batch.config import VideoConfig
 from vreason_batch.io import storage
 from vreason_batch.io.clip import VideoClip, VideoError, decode_size, sample_indices
+from vreason_batch.io.remote_video import RemoteVideo, VideoSource as Source
 from vreason_batch.io.video_decord import load_decord
 from vreason_batch.io.video_image import load_image
-from vreason_batch.io.video_probe import choose_backend, probe
+from vreason_batch.io.video_probe import Probe, choose_backend, probe
 from vreason_batch.io.video_pyav import load_pyav
 
 __all__ = [
@@ -82,20 +86,31 @@ def sniff_image(head: bytes) -> str | None:
 # Loading
 
 _SNIFF_BYTES = 256
+# An s3:// video larger than this is not fetched into memory: PyAV reads it through ranged GETs
+# (remote_video.RemoteVideo), decord from a temporary copy on disk. Smaller ones are one GET.
+S3_IN_MEMORY_MAX_BYTES = 64 * 2**20
 
 
-def _open_source(uri: str) -> tuple[str | bytes, str]:
-    """(a local path or an object's bytes, "video" | "image"), after the cheap checks (exists,
-    not empty, a video container or an image)."""
+def _open_s3(uri: str) -> tuple[Source, bytes, int]:
+    try:
+        size = storage.s3_object_size(uri)
+        if size > S3_IN_MEMORY_MAX_BYTES:
+            remote = RemoteVideo(uri, size)
+            return remote, remote.head(_SNIFF_BYTES), size
+        data = storage.read_bytes(uri)
+    except storage.NotFound:
+        raise VideoError("video_not_found", f"video {uri}: no such S3 object") from None
+    except storage.AccessDenied:
+        # S3 answers 403, not 404, for a missing key when the caller may not list the bucket.
+        raise VideoError("video_not_found", f"video {uri}: access denied (missing, or not readable)") from None
+    return data, data[:_SNIFF_BYTES], len(data)
+
+
+def _open_source(uri: str) -> tuple[Source, str]:
+    """(a local path, an object's bytes or a RemoteVideo; "video" | "image"), after the cheap
+    checks (exists, not empty, a video container or an image)."""
     if storage.is_s3(uri):
-        try:
-            data = storage.read_bytes(uri)
-        except storage.NotFound:
-            raise VideoError("video_not_found", f"video {uri}: no such S3 object") from None
-        except storage.AccessDenied:
-            # S3 answers 403, not 404, for a missing key when the caller may not list the bucket.
-            raise VideoError("video_not_found", f"video {uri}: access denied (missing, or not readable)") from None
-        head, size, source = data[:_SNIFF_BYTES], len(data), data
+        source, head, size = _open_s3(uri)
     else:
         _, _, path = storage.parse_uri(uri)
         if not os.path.isfile(path):
@@ -110,11 +125,19 @@ def _open_source(uri: str) -> tuple[str | bytes, str]:
     if sniff_container(head) is not None:
         return source, "video"
     if sniff_image(head) is not None:
-        return source, "image"
+        # Pillow takes the bytes; an image over the in-memory limit is fetched whole all the same.
+        return (storage.read_bytes(uri) if isinstance(source, RemoteVideo) else source), "image"
     raise VideoError(
         "video_unreadable",
         f"video {uri}: neither a recognised video container nor an image ({size} bytes starting {head[:8]!r})",
     )
+
+
+def _load_decord(uri: str, source: Source, found: Probe, cfg: VideoConfig) -> VideoClip:
+    if isinstance(source, RemoteVideo):  # decord takes a path or bytes: a copy on disk, not in RAM
+        with source.spooled() as path:
+            return load_decord(uri, path, found, cfg)
+    return load_decord(uri, source, found, cfg)
 
 
 def load_clip(uri: str, cfg: VideoConfig) -> VideoClip:
@@ -127,10 +150,13 @@ def load_clip(uri: str, cfg: VideoConfig) -> VideoClip:
     if kind == "image":
         return load_image(uri, source, cfg)
     found = probe(uri, source)
-    if choose_backend(found, cfg.backend) == "pyav":
+    # decord's peak memory grows with the file (README, "Video readers"); PyAV's through ranged
+    # reads does not, so auto reads a large S3 object with PyAV.
+    large_remote = isinstance(source, RemoteVideo) and cfg.backend == "auto"
+    if large_remote or choose_backend(found, cfg.backend) == "pyav":
         return load_pyav(uri, source, cfg)
     try:
-        return load_decord(uri, source, found, cfg)
+        return _load_decord(uri, source, found, cfg)
     except VideoError as e:
         if cfg.backend != "auto" or e.error_type != "video_unreadable":
             raise

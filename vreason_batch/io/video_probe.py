@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 from vreason_batch.io.clip import VideoError, short_message
+from vreason_batch.io.remote_video import RemoteVideo, VideoSource
 
 # Containers whose timestamps decord 0.6 does not seek by correctly (FFmpeg demuxer names).
 UNSEEKABLE_FOR_DECORD = ("mpegts", "mpeg", "mpegvideo")
@@ -70,8 +71,11 @@ def quiet_ffmpeg(av: Any) -> Iterator[None]:
             av.logging.set_level(level)
 
 
-def open_container(av: Any, source: str | bytes) -> Any:
-    """An input container on a local path or on an object's bytes (a fresh file object each time)."""
+def open_container(av: Any, source: VideoSource) -> Any:
+    """An input container on a local path, an object's bytes or a large S3 object read in ranges
+    (a fresh file object each time)."""
+    if isinstance(source, RemoteVideo):
+        return av.open(source.open(), mode="r")
     return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r")
 
 
@@ -80,7 +84,7 @@ def _stream_list(container: Any) -> str:
     return ", ".join(kinds) or "none"
 
 
-def probe(uri: str, source: str | bytes) -> Probe:
+def probe(uri: str, source: VideoSource) -> Probe:
     """The first video stream's container, codec and size, or VideoError("video_unreadable") for a
     file FFmpeg cannot open or one without a video stream (an audio-only .m4a, say)."""
     av = import_av()
@@ -119,7 +123,7 @@ def choose_backend(found: Probe, requested: str) -> str:
     return "decord"
 
 
-def first_frame_rotation(source: str | bytes) -> int:
+def first_frame_rotation(source: VideoSource) -> int:
     """The display rotation (counter-clockwise degrees) of the first video frame, 0 if none.
 
     Decodes one frame: PyAV hands the display matrix over with decoded frames only.

@@ -26,6 +26,7 @@ from vreason_batch.io.clip import (
     VideoClip, VideoError, check_frame_rate, check_source_size, decode_size, make_clip, rotate, sample_indices,
     short_message,
 )
+from vreason_batch.io.remote_video import VideoSource
 from vreason_batch.io.video_probe import import_av, open_container, quiet_ffmpeg
 
 # Keyframes tried before a frame (nearest first) before decoding it from the file's start.
@@ -127,7 +128,7 @@ class _Run:
 class _Decoder:
     """Takes frames by key from one container, seeking only when it pays (see module docstring)."""
 
-    def __init__(self, av: Any, source: str | bytes, table: FrameTable):
+    def __init__(self, av: Any, source: VideoSource, table: FrameTable):
         self.av, self.source, self.table = av, source, table
         self.container: Any = None
         self.run: _Run | None = None
@@ -234,7 +235,7 @@ def _converter(degrees: int, size: tuple[int, int] | None) -> Callable[[Any], np
     return convert
 
 
-def _open_table(av: Any, uri: str, source: str | bytes, cfg: VideoConfig) -> tuple[FrameTable, float]:
+def _open_table(av: Any, uri: str, source: VideoSource, cfg: VideoConfig) -> tuple[FrameTable, float]:
     """(the frame table, the frame rate) after the checks that need no decoding."""
     with open_container(av, source) as container:
         if not container.streams.video:
@@ -254,7 +255,7 @@ def _open_table(av: Any, uri: str, source: str | bytes, cfg: VideoConfig) -> tup
     return table, rate
 
 
-def _sample(av: Any, uri: str, source: str | bytes, cfg: VideoConfig, counts: dict[str, int]) -> VideoClip:
+def _sample(av: Any, uri: str, source: VideoSource, cfg: VideoConfig, counts: dict[str, int]) -> VideoClip:
     table, rate = _open_table(av, uri, source, cfg)
     indices = sample_indices(table.count, rate, cfg)
     keys = indices if table.pts is None else [table.pts[i] for i in indices]
@@ -278,7 +279,7 @@ def _sample(av: Any, uri: str, source: str | bytes, cfg: VideoConfig, counts: di
     return make_clip(np.stack(frames), indices, table.count, rate, height, width, backend="pyav")  # [T, H, W, 3]
 
 
-def load_pyav(uri: str, source: str | bytes, cfg: VideoConfig, counts: dict[str, int] | None = None) -> VideoClip:
+def load_pyav(uri: str, source: VideoSource, cfg: VideoConfig, counts: dict[str, int] | None = None) -> VideoClip:
     """Sample frames from a local path or an object's bytes with PyAV, frame-accurately.
 
     Raises VideoError ("video_unreadable", "video_too_large") for a video that cannot be used.
