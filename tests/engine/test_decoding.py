@@ -500,3 +500,21 @@ def test_float16_updates_move_entropy(lm, samples):
         r = decode_batch(fp16, samples[:1], settings("vreason", n=4, lr=1e-3, update_every=1, rule=rule))[0]
         changes = [hp - h for h, hp in zip(r.entropy, r.entropy_post)]
         assert all(c * sign > 0 for c in changes), (rule, changes)
+
+
+def test_update_rows_are_known_on_the_host(lm, samples, monkeypatch):
+    # the step branches on host counters, not on `bool(due.any())` (a device sync): they must name the
+    # same rows as the device's `due`, step after step, and the step must not read a tensor's truth value
+    s = settings("vreason", lr=0.1, update_every=2, rule="always_max")
+    head = LastLayer(lm.last_layer_parts())
+    syncs = []
+    with torch.no_grad():
+        st = prefill(lm, head, samples, s)
+        for _ in range(5):
+            expect = (st.controlled & (st.policy.steps % 2 == 0)).tolist()
+            assert [r.tokens_seen % 2 == 0 for r in st.rows] == expect
+            monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: syncs.append(t) or bool(t.item()))
+            decode_one_token(lm, head, st, s)
+            monkeypatch.undo()
+            assert [r.tokens_seen for r in st.rows] == st.policy.steps.tolist()
+    assert syncs == []

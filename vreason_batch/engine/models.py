@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from vreason_batch.engine import hf_standins
 
 BUILTIN_TINY = "builtin:tiny-qwen2.5-vl"
@@ -97,6 +99,23 @@ class LoadedModel:
             layers[-1] = original
         cos, sin = capture.position_embeddings
         return capture.hidden, cos, sin
+
+    def step_mask(self, pad_mask: torch.Tensor):
+        """The new token's attention mask over the cache, [b, 1, 1, S], built once per step by us.
+
+        HF's mask builder, given the 2D padding mask, checks it on the host every forward (a device
+        sync per step); a prepared 4D mask is used as it is. sdpa takes it as bool (True = attend),
+        eager as an additive float; other kernels get the 2D padding mask (HF builds theirs).
+        pad_mask: [b, S] 1 where the cache (the new token included) holds a real token.
+        """
+        impl = self.text_model().config._attn_implementation
+        keep = pad_mask.bool()[:, None, None, :]
+        if impl == "sdpa":
+            return keep
+        if impl == "eager":
+            dtype = self.text_model().embed_tokens.weight.dtype
+            return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+        return pad_mask
 
     def new_cache(self, slab: bool = True):
         """An empty KV cache for this model (every layer's keys/values [b, kv_heads, S, head_dim]).

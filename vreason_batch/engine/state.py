@@ -39,6 +39,7 @@ class RowTrace:
     t_start: float  # when the row's prefill began (perf_counter)
     token_ids: list[int] = field(default_factory=list)  # the output tokens: a final EOS is not one
     steps: list[TokenRecord] = field(default_factory=list)  # one per decode step, a final EOS included
+    tokens_seen: int = 0  # decode steps this row has taken: a host copy of its policy's `steps`, read without a sync
     finish_reason: str = "max_new_tokens"
     latency_s: float = 0.0
     controller_updates: int = 0

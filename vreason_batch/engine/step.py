@@ -22,6 +22,7 @@ from vreason_batch.engine.controller import (
 )
 from vreason_batch.engine.last_layer import Attention, LastLayer
 from vreason_batch.engine.models import LoadedModel
+from vreason_batch.engine.modes import get_mode
 from vreason_batch.engine.sampling import choose_tokens
 from vreason_batch.engine.state import DecodeState, TokenRecord
 
@@ -40,7 +41,7 @@ class Step:
 def forward_last_token(lm: LoadedModel, head: LastLayer, st: DecodeState) -> Attention:
     """Feed each row's next token through the model and the last layer's attention (cache extended)."""
     st.pad_mask = torch.cat([st.pad_mask, st.pad_mask.new_ones((st.pad_mask.shape[0], 1))], dim=1)
-    hidden, cos, sin = lm.forward_to_last_layer({"input_ids": st.next_ids, "attention_mask": st.pad_mask}, st.next_pos, st.cache)
+    hidden, cos, sin = lm.forward_to_last_layer({"input_ids": st.next_ids, "attention_mask": lm.step_mask(st.pad_mask)}, st.next_pos, st.cache)
     layer = st.cache.layers[-1]
     return head.attend(hidden, head.extend_cache(hidden, cos, sin, layer), layer, st.pad_mask)
 
@@ -67,7 +68,7 @@ def decode_one_token(lm: LoadedModel, head: LastLayer, st: DecodeState, settings
     cc = settings.controller
     # [b]: controlled rows update every k of their own tokens (each row keeps its own phase of k)
     due = st.controlled & (st.policy.steps % cc.update_every == 0)
-    if bool(due.any()):
+    if any(due_on_host(st, cc.update_every)):  # the same rows as `due`, known without a device sync
         h, alpha, pre, post = _update(head, att, st, due, cc)
         logits = torch.where(due[:, None], post, pre)
         h_post = torch.where(due, entropy_from_logits(post), h)
@@ -80,6 +81,14 @@ def decode_one_token(lm: LoadedModel, head: LastLayer, st: DecodeState, settings
     token = choose_tokens(logits, settings.sampling, st.seed, st.policy.steps)  # argmax unless decoding.temperature > 0
     st.next_ids, st.next_pos = token[:, None], st.next_pos + 1
     return Step(token=token, entropy=h, entropy_post=h_post, alpha=alpha, logits=logits)
+
+
+def due_on_host(st: DecodeState, update_every: int) -> list[bool]:
+    """The rows whose dV updates this step, from host counters (== `due` in decode_one_token); counts the step."""
+    due = [get_mode(row.mode).controlled and row.tokens_seen % update_every == 0 for row in st.rows]
+    for row in st.rows:
+        row.tokens_seen += 1
+    return due
 
 
 def _update(head: LastLayer, att: Attention, st: DecodeState, active, cc: ControllerConfig):
