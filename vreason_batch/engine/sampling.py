@@ -51,23 +51,28 @@ def _srl(x: torch.Tensor, n: int) -> torch.Tensor:
     return (x >> n) & ((1 << (64 - n)) - 1)
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
-    x = (x ^ _srl(x, 30)) * _signed(0xBF58476D1CE4E5B9)
-    x = (x ^ _srl(x, 27)) * _signed(0x94D049BB133111EB)
-    return x ^ _srl(x, 31)
-
-
 def _signed(u: int) -> int:
     u &= _MASK
     return u - (1 << 64) if u >= 1 << 63 else u
 
 
+# splitmix64's constants as int64 bit patterns, converted once (the step calls these every token)
+_M1, _M2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+_GOLDEN, _VOCAB_STRIDE = _signed(0x9E3779B97F4A7C15), _signed(0xD1B54A32D192ED03)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = (x ^ _srl(x, 30)) * _M1
+    x = (x ^ _srl(x, 27)) * _M2
+    return x ^ _srl(x, 31)
+
+
 def uniform(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
     """u in (0, 1), float32 [b, vocab]: a pure function of (seeds[b], counters[b], vocabulary id)."""
     ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    row = _mix(seeds.long() ^ _mix(counters.long() * _signed(0x9E3779B97F4A7C15)))  # [b]
-    bits = _mix(row[:, None] + ids[None, :] * _signed(0xD1B54A32D192ED03))
+    row = _mix(seeds.long() ^ _mix(counters.long() * _GOLDEN))  # [b]
+    bits = _mix(row[:, None] + ids[None, :] * _VOCAB_STRIDE)
     # 23 random bits: k + 0.5 is exact in float32 for k < 2^23, so u is never 0 nor 1 (with 24 bits
     # the largest rounds to 1.0, and its Gumbel noise, -log(-log(1)), is +inf)
     top23 = _srl(bits, 41).to(torch.float32)
