@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
     sw.add_argument("--no-report", action="store_true", help="do not write the comparison report")
 
     rep = sub.add_parser("report", help="summaries and plots of one run, or several runs compared")
-    rep.add_argument("output_uri", nargs="+", help="output.uri of a run (local dir or s3://); several: compared")
+    rep.add_argument("output_uri", nargs="+", help="output.uri of a run (local dir or s3://); several, or a sweep's prefix: compared")
     rep.add_argument("--out", required=True, help="directory for the report files and PNGs")
     rep.add_argument("--label", action="append", default=None, metavar="NAME",
                      help="names of the compared runs, in order (default: their last path segments)")
@@ -170,7 +170,7 @@ def cmd_sweep(args) -> int:
 
     from vreason_batch.config import ConfigError
     from vreason_batch.io.manifest import ManifestError
-    from vreason_batch.job.sweep import comparison_runs, plan_sweep, run_sweep
+    from vreason_batch.job.sweep import comparison_runs, keep_legacy_prefixes, plan_sweep, run_sweep
 
     try:
         with open(args.config) as f:
@@ -182,6 +182,9 @@ def cmd_sweep(args) -> int:
     if not isinstance(data, dict):
         raise ConfigError(f"config {args.config} must be a YAML mapping")
     base, cells = plan_sweep(data, args.overrides, args.grid)
+    kept = keep_legacy_prefixes(base, cells)
+    if kept:
+        print(f"[vreason-batch] sweep cells kept at their flat prefixes (written before cells were nested): {kept}")
     if args.only:
         unknown = sorted(set(args.only) - {c.name for c in cells})
         if unknown:
@@ -214,9 +217,14 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from vreason_batch.evaluation.report import NoResults, write_comparison, write_report
     from vreason_batch.evaluation.report.compare import run_labels
+    from vreason_batch.job.sweep import cells_from_record
 
+    cells = cells_from_record(args.output_uri[0]) if len(args.output_uri) == 1 and not args.label else None
     try:
-        if len(args.output_uri) == 1 and not args.label:
+        if cells:  # a sweep's prefix: its cells compared, labelled by their names (nested or flat)
+            result = write_comparison(cells, args.out)
+            print(json.dumps(result["datasets"].get("all", {}), indent=2, default=str))
+        elif len(args.output_uri) == 1 and not args.label:
             summary = write_report(args.output_uri[0], args.out)
             print(json.dumps(summary.get("overall", summary), indent=2, default=str))
         else:

@@ -75,8 +75,17 @@ class InputConfig(_Strict):
         return self
 
 
+# Output columns a writer may partition by: few distinct values each, so a directory per value stays small.
+PARTITION_COLUMNS = ("dataset", "mode", "model", "problem_type")
+
+
 class OutputConfig(_Strict):
     uri: str = Field(..., description="local directory or s3://bucket/prefix for the Parquet output")
+    partition_by: list[str] = Field(
+        default_factory=list,
+        description=f"output columns for Hive-style directories (col=value/...), in order; any of "
+        f"{', '.join(PARTITION_COLUMNS)}; [] = one flat directory",
+    )
     rows_per_file: int = Field(256, ge=1, description="result rows per Parquet file (one file per shard)")
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet compression")
     flush_interval_s: float = Field(
@@ -86,6 +95,17 @@ class OutputConfig(_Strict):
         120.0, ge=5, description="the run's lease on output.uri expires this long after its last renewal "
         "(a killed run blocks the output this long); keep it well above clock skew between drivers",
     )
+
+    @field_validator("partition_by")
+    @classmethod
+    def _partition_columns(cls, v: list[str]) -> list[str]:
+        unknown = [c for c in v if c not in PARTITION_COLUMNS]
+        if unknown:
+            raise ValueError(f"output.partition_by: {unknown} cannot partition the output; allowed: {list(PARTITION_COLUMNS)}"
+                             " (low-cardinality output columns)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"output.partition_by has duplicates: {v}")
+        return v
 
 
 class ModelConfig(_Strict):

@@ -14,10 +14,11 @@ BASE = {"input": {"manifest": "m.jsonl"}, "output": {"uri": "s3://b/sweep/"},
 
 def test_cells_are_the_product_greedy_once():
     base, cells = plan_sweep(BASE, [], ["controller.lr=0,1e-3", "controller.update_every=1,2,4"])
-    assert [c.name for c in cells] == ["greedy"] + [f"lr={lr}_update_every={k}" for lr in ("0", "1e-3") for k in (1, 2, 4)]
+    assert [c.name for c in cells] == ["greedy"] + [f"lr={lr}/update_every={k}" for lr in ("0", "1e-3") for k in (1, 2, 4)]
     greedy, first = cells[0], cells[1]
     assert greedy.config.decoding.modes == ["greedy"] and greedy.config.output.uri == "s3://b/sweep/greedy"
-    assert first.config.decoding.modes == ["vreason"] and first.config.output.uri == "s3://b/sweep/lr=0_update_every=1"
+    assert first.config.decoding.modes == ["vreason"] and first.config.output.uri == "s3://b/sweep/lr=0/update_every=1"
+    assert first.legacy_name == "lr=0_update_every=1"
     assert (first.config.controller.lr, first.config.controller.update_every) == (0.0, 1)
     assert cells[-1].values == {"controller.lr": "1e-3", "controller.update_every": "4"}
     assert base.output.uri == "s3://b/sweep/"
@@ -42,7 +43,7 @@ def test_labels_use_full_keys_when_last_parts_collide():
     from vreason_batch.job.sweep import _label_keys
 
     _, cells = plan_sweep(BASE, [], ["controller.lr=0,1", "model.seed=1"])
-    assert cells[0].name == "lr=0_seed=1"
+    assert cells[0].name == "lr=0/seed=1"
     assert _label_keys(["input.columns.dataset", "input.annotate.dataset", "controller.lr"]) == {
         "input.columns.dataset": "input.columns.dataset", "input.annotate.dataset": "input.annotate.dataset",
         "controller.lr": "lr"}
@@ -61,3 +62,24 @@ def test_bad_grids_name_the_problem(grid, needle):
             plan_sweep(BASE, [], grid)
         else:
             parse_grid(grid)
+
+
+def test_cell_values_are_escaped_as_hive_partition_values():
+    # one path segment per axis: a value's '/' or '=' must not make another directory or key
+    _, cells = plan_sweep(BASE, [], ["model.name_or_path=a/b=c,builtin:tiny-qwen2.5-vl"])
+    assert [c.name for c in cells] == ["name_or_path=a%2Fb%3Dc", "name_or_path=builtin%3Atiny-qwen2.5-vl"]
+    assert [c.legacy_name for c in cells] == ["name_or_path=a_b_c", "name_or_path=builtin_tiny-qwen2.5-vl"]
+
+
+def test_an_old_sweep_resumes_at_its_flat_prefixes(tmp_path):
+    from vreason_batch.job.sweep import keep_legacy_prefixes
+
+    base_cfg = {**BASE, "output": {"uri": str(tmp_path)}}
+    (tmp_path / "lr=0_update_every=1" / "_runs").mkdir(parents=True)  # written by an old sweep
+    (tmp_path / "lr=0_update_every=1" / "_runs" / "r.json").write_text("{}")
+    base, cells = plan_sweep(base_cfg, [], ["controller.lr=0,1e-3", "controller.update_every=1"])
+    assert keep_legacy_prefixes(base, cells) == ["lr=0_update_every=1"]
+    old, new = cells[1], cells[2]
+    assert old.name == "lr=0_update_every=1" and old.config.output.uri == f"{tmp_path}/lr=0_update_every=1"
+    assert f"output.uri={tmp_path}/lr=0_update_every=1" in old.overrides and old.overrides[-1] == "decoding.modes=[vreason]"
+    assert new.name == "lr=1e-3/update_every=1" and new.config.output.uri == f"{tmp_path}/lr=1e-3/update_every=1"

@@ -205,7 +205,8 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     metrics = metrics_collector_class().options(scheduling_strategy=here).remote()
     out = cfg.output
     # lease.check before every write: a run whose lease was taken over must not write
-    sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check)
+    sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check,
+                      partition_by=out.partition_by)
     progress = _Progress(plan.num_pairs_pending, cfg.runtime.progress_interval_s)
     restarts: list[str] = []
     try:

@@ -2,7 +2,8 @@
 
 The output is a set of whole Parquet objects, each named by a hash of the (sample_id, mode)
 keys it holds, so a retried write of the same rows lands on the same key and no reader ever sees
-half a file (local: temp file + rename; S3: one PUT). Run records live under `_runs/`; every
+half a file (local: temp file + rename; S3: one PUT). With `output.partition_by` each file holds
+one partition's rows, under its Hive-style directory (io/partitions.py). Run records live under `_runs/`; every
 name starting with `_` or `.` (run records, temp files of shards being written) is not a result.
 """
 
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 from vreason_batch import __version__
 from vreason_batch.config import Config
 from vreason_batch.io.outputs import RESULT_SUFFIX, RUNS_DIR, is_result_path, list_result_files  # noqa: F401 (re-exported)
+from vreason_batch.io.partitions import split_by
 from vreason_batch.io.schema import OUTPUT_COLUMNS, OUTPUT_SCHEMA, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -62,6 +64,19 @@ def write_shard(uri: str, table, compression: str) -> str:
     dest = storage.join(uri, shard_key(table))
     storage.retry(lambda: storage.write_bytes(dest, buf.getvalue()), what=dest)
     return dest
+
+
+def write_partitioned(uri: str, table, compression: str, partition_by: list[str], result: RunResult | None = None) -> list[str]:
+    """Write one table as one whole object per partition (`uri/k=v/.../part-<hash>.parquet`, or
+    `uri/part-<hash>.parquet` without partition columns), each counted into `result`; their URIs."""
+    from vreason_batch.io import storage
+
+    written = []
+    for rel, part in split_by(table, list(partition_by)):
+        written.append(write_shard(storage.join(uri, rel) if rel else uri, part, compression))
+        if result is not None:
+            tally(result, part)
+    return written
 
 
 def tally(res: RunResult, table) -> None:
@@ -152,10 +167,11 @@ class ResultSink:
     """
 
     def __init__(self, uri: str, rows_per_file: int, compression: str, flush_interval_s: float, result: RunResult,
-                 before_write=None):
+                 before_write=None, partition_by: list[str] | tuple[str, ...] = ()):
         import threading
 
         self.uri, self.rows_per_file, self.compression = uri, rows_per_file, compression
+        self.partition_by = list(partition_by)  # output.partition_by: one file per partition of each write
         self.flush_interval_s, self.result = flush_interval_s, result
         self.before_write = before_write  # called before each file; raising stops the write
         self.rows_finished = 0
@@ -216,8 +232,7 @@ class ResultSink:
                 self._buffer[0] = (arrived, t.slice(need))
                 need = 0
         head = pa.concat_tables(parts, promote_options="default")
-        write_shard(self.uri, head, self.compression)
-        tally(self.result, head)
+        write_partitioned(self.uri, head, self.compression, self.partition_by, self.result)
         self._buffered_rows -= n
 
     def _oldest_wait_s(self) -> float:

@@ -3,7 +3,8 @@
     vreason-batch sweep CONFIG --grid controller.lr=0,1e-3,1e-2 --grid controller.update_every=1,2,4
 
 Every cell is the config with its grid values applied as `--set` overrides and its own output
-prefix under `output.uri` (`<output.uri>/<cell name>`), run by the pipeline's `run_job` like any
+prefix under `output.uri`, one directory per grid axis (`<output.uri>/lr=1e-3/update_every=2`), so a
+Hive reader over the sweep's prefix sees one column per axis; run by the pipeline's `run_job` like any
 job: resumable (a re-run skips what each prefix holds), exactly once, with its run record. The
 sweep writes `<output.uri>/_sweep.json` (what ran where) and, with `--report DIR`, one comparison
 report over all cells (`vreason_batch.evaluation.report.compare`).
@@ -13,6 +14,10 @@ grid key can change a greedy row (keys under `controller.` and `lite.` only). It
 `<output.uri>/greedy` by a config whose controller and lite sections are reset to their defaults:
 greedy reads neither, and this keeps its config hash, and so its prefix, valid whatever the
 sweep's controller settings are (the hash guards a prefix against mixed configs).
+
+Sweeps written before cells were nested used one flat name (`lr=1e-3_update_every=2`); a cell whose
+flat prefix already holds output keeps it (`keep_legacy_prefixes`), and `cells_from_record` reads
+whatever names `_sweep.json` lists, so `report` finds and labels old and new cells alike.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from vreason_batch.config import Config, ConfigError, config_from_dict
+from vreason_batch.io.partitions import escape_value
 
 SWEEP_RECORD = "_sweep.json"
 GREEDY = "greedy"
@@ -44,6 +50,7 @@ class Cell:
     config: Config
     values: dict[str, Any] = field(default_factory=dict)  # grid key -> value (empty for the baseline)
     plan: Any = None  # pipeline.RunPlan, set by run_sweep before any cell runs
+    legacy_name: str = ""  # the flat name sweeps before nested cells gave it (`lr=1e-3_update_every=2`)
 
 
 def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
@@ -79,8 +86,18 @@ def _label_keys(keys: list[str]) -> dict[str, str]:
 
 
 def _safe(value: str) -> str:
-    # prefixes are path segments on disk and S3 keys: keep them to a portable alphabet
+    # the flat names' alphabet (sweeps before nested cells); new names escape values as Hive does
     return re.sub(r"[^A-Za-z0-9._+-]", "_", value)
+
+
+def cell_name(labels: dict[str, str], values: dict[str, str]) -> str:
+    """`lr=1e-3/update_every=2`: one Hive-style `key=value` directory per grid axis, in grid order."""
+    return "/".join(f"{labels[k]}={escape_value(v)}" for k, v in values.items())
+
+
+def legacy_cell_name(labels: dict[str, str], values: dict[str, str]) -> str:
+    """`lr=1e-3_update_every=2`: the one flat directory a cell got before names were nested."""
+    return "_".join(f"{labels[k]}={_safe(v)}" for k, v in values.items())
 
 
 def plan_sweep(data: dict, overrides: list[str], grid: list[str]) -> tuple[Config, list[Cell]]:
@@ -107,18 +124,50 @@ def plan_sweep(data: dict, overrides: list[str], grid: list[str]) -> tuple[Confi
         cells.append(Cell(GREEDY_PREFIX, sets, cfg))
     for combo in itertools.product(*(values for _, values in axes)):
         values = dict(zip(keys, combo))
-        name = "_".join(f"{labels[k]}={_safe(v)}" for k, v in values.items())
+        name = cell_name(labels, values)
         sets = [*overrides, *(f"{k}={v}" for k, v in values.items()), f"output.uri={root}/{name}",
                 f"decoding.modes=[{', '.join(cell_modes)}]"]
         try:
             cfg = config_from_dict(data, sets)
         except ConfigError as e:
             raise ConfigError(f"sweep cell {name}: {e}") from None
-        cells.append(Cell(name, sets, cfg, values))
+        cells.append(Cell(name, sets, cfg, values, legacy_name=legacy_cell_name(labels, values)))
     names = [c.name for c in cells]
     if len(set(names)) != len(names):
         raise ConfigError(f"two sweep cells got the same prefix: {names}")
     return base, cells
+
+
+def keep_legacy_prefixes(base: Config, cells: list[Cell]) -> list[str]:
+    """Resume an old sweep where it is: a cell whose flat prefix (`lr=0_update_every=2`) holds output
+    and whose nested one does not keeps the flat prefix. Returns the names of the cells kept so."""
+    from vreason_batch.io import storage
+
+    root, kept = base.output.uri.rstrip("/"), []
+    for c in cells:
+        if not c.legacy_name or c.legacy_name == c.name:
+            continue
+        if storage.exists(f"{root}/{c.legacy_name}") and not storage.exists(f"{root}/{c.name}"):
+            c.name = c.legacy_name
+            c.overrides = [*c.overrides[:-2], f"output.uri={root}/{c.name}", c.overrides[-1]]
+            c.config.output.uri = f"{root}/{c.name}"
+            kept.append(c.name)
+    return kept
+
+
+def cells_from_record(uri: str) -> list[tuple[str, str]] | None:
+    """(cell name, output URI under `uri`) of every cell `uri/_sweep.json` lists whose prefix holds
+    output (`--only` may have left some unrun), nested or flat names alike; None when `uri` is not a
+    sweep's prefix. URIs are joined to `uri`, so a sweep copied elsewhere reads too."""
+    from vreason_batch.io import storage
+
+    try:
+        record = json.loads(storage.read_bytes(storage.join(uri, SWEEP_RECORD)))
+    except storage.NotFound:
+        return None
+    root = uri.rstrip("/")
+    cells = [(c["name"], f"{root}/{c['name']}") for c in record.get("cells", [])]
+    return [(name, cell_uri) for name, cell_uri in cells if storage.exists(cell_uri)]
 
 
 def sweep_record(base: Config, cells: list[Cell], grid: list[str], status: dict[str, Any]) -> dict[str, Any]:
