@@ -171,23 +171,30 @@ def test_sweep_runs_each_cell_once_greedy_once_and_compares(local_ray, data_root
                                    "decoding.modes=[greedy, vreason]"]]
     grid = ["--grid", "controller.lr=0,1e-1", "--grid", "controller.update_every=2"]
     assert main(["sweep", str(config), *sets, *grid]) == 0
-    cells = sorted(p.name for p in out.iterdir() if not p.name.startswith("_"))
-    assert cells == ["greedy", "lr=0_update_every=2", "lr=1e-1_update_every=2"]
+    cells = sorted(str(p.parent.relative_to(out)) for p in out.glob("**/_runs") if "_report" not in p.parts)
+    assert cells == ["greedy", "lr=0/update_every=2", "lr=1e-1/update_every=2"]  # one directory per grid axis
     modes = {c: Counter(r["mode"] for r in read_rows(str(out / c))) for c in cells}
     assert modes["greedy"] == {"greedy": 3} and all(modes[c] == {"vreason": 3} for c in cells[1:])
     # lr = 0 is the base model: token for token the greedy baseline, whatever k
     greedy = {r["sample_id"]: r["output_text"] for r in read_rows(str(out / "greedy"))}
-    lr0 = read_rows(str(out / "lr=0_update_every=2"))
+    lr0 = read_rows(str(out / "lr=0/update_every=2"))
     assert {r["sample_id"]: r["output_text"] for r in lr0} == greedy and all(r["controller_updates"] for r in lr0)
     record = json.loads((out / "_sweep.json").read_text())
     assert [c["name"] for c in record["cells"]] == cells and record["cells"][1]["values"] == {
         "controller.lr": "0", "controller.update_every": "2"}
+    # a Hive reader over the cells sees one column per grid axis
+    import duckdb
+
+    hive = duckdb.connect().execute(
+        f"SELECT lr::VARCHAR, update_every, count(*) FROM read_parquet('{out}/lr=*/**/*.parquet', hive_partitioning=true)"
+        " GROUP BY ALL ORDER BY ALL").fetchall()
+    assert hive == [("0.0", 2, 3), ("0.1", 2, 3)]
 
     comparison = json.loads((out / "_report" / "comparison.json").read_text())
     overall = comparison["datasets"]["all"]
     assert comparison["reference_arm"] == "greedy / greedy" and len(overall) == 3
     assert all(m["paired"]["n_paired"] == 3 for m in overall.values())
-    assert overall["lr=0_update_every=2 / vreason"]["paired"]["accuracy_delta_pts"] == 0.0
+    assert overall["lr=0/update_every=2 / vreason"]["paired"]["accuracy_delta_pts"] == 0.0
     for name in ("comparison.md", "comparison.html", "compare_ema_curves.png", "compare_accuracy_vs_tokens.png"):
         assert (out / "_report" / name).stat().st_size > 0
 
@@ -196,3 +203,7 @@ def test_sweep_runs_each_cell_once_greedy_once_and_compares(local_ray, data_root
     assert main(["sweep", str(config), *sets, *grid, "--no-report"]) == 0
     assert '"rows_written": 0' in capsys.readouterr().out
     assert sum(len(read_rows(str(out / c))) for c in cells) == 9
+    # `report` over the sweep's prefix compares the cells its _sweep.json lists
+    assert main(["report", str(out), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "comparison.json").read_text())
+    assert sorted(again["datasets"]["all"]) == sorted(overall)

@@ -475,3 +475,20 @@ def test_no_paper_table_without_a_paper_benchmark(tmp_path):
     pq.write_table(rows_to_table(rows), root / "part-0.parquet")
     report.write_report(str(root), str(tmp_path / "report"))
     assert "Beside the paper" not in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_report_over_a_sweep_prefix_finds_old_flat_and_new_nested_cells(tmp_path):
+    """Cells named before nesting (`lr=0_update_every=2`) and after (`lr=1e-1/update_every=2`) are
+    found through `_sweep.json` and labelled by their names; a listed cell never run is left out."""
+    from vreason_batch.cli import main
+
+    root = tmp_path / "sweep"
+    names = ["lr=0_update_every=2", "lr=1e-1/update_every=2"]
+    for name in names:
+        write_run(root / name, run_rows())
+    (root / "_sweep.json").write_text(json.dumps({"cells": [{"name": n} for n in [*names, "lr=1/update_every=2"]]}))
+    out = tmp_path / "report"
+    assert main(["report", str(root), "--out", str(out)]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    assert [r["label"] for r in result["runs"]] == names
+    assert {"lr=0_update_every=2 / vreason", "lr=1e-1/update_every=2 / vreason"} <= set(result["datasets"]["all"])
