@@ -188,7 +188,7 @@ def test_sweep_runs_each_cell_once_greedy_once_and_compares(local_ray, data_root
     hive = duckdb.connect().execute(
         f"SELECT lr::VARCHAR, update_every, count(*) FROM read_parquet('{out}/lr=*/**/*.parquet', hive_partitioning=true)"
         " GROUP BY ALL ORDER BY ALL").fetchall()
-    assert hive == [("0.0", 2, 3), ("0.1", 2, 3)]
+    assert hive == [("0", 2, 3), ("1e-1", 2, 3)]  # the grid values as given
 
     comparison = json.loads((out / "_report" / "comparison.json").read_text())
     overall = comparison["datasets"]["all"]
