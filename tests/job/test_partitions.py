@@ -90,6 +90,21 @@ def test_sink_writes_one_object_per_partition_named_by_its_keys(tmp_path):
     assert sum(len(ids) for ids in done.by_mode.values()) == 24 and ("zz", "greedy") not in done
 
 
+def test_partitioned_output_on_s3_lists_plans_and_reports(s3_bucket):
+    # '%' escapes are literal characters of S3 keys: boto3 lists them, pyarrow's S3 filesystem reads them
+    from vreason_batch.evaluation.report import load_results
+
+    out = f"s3://{s3_bucket}/out"
+    pairs = [(f"s{i}", "greedy", DATASETS[i % len(DATASETS)]) for i in range(8)]
+    written = write_partitioned(out, table_of(pairs), "zstd", ["dataset"])
+    assert sorted(written) == list_result_files(out) and len(written) == len(DATASETS)
+    assert f"{out}/dataset=a%2Fb%3Dc/" in " ".join(written)
+    assert sum(len(ids) for ids in read_done_keys(out).by_mode.values()) == 8
+    table = load_results(out, ["sample_id", "dataset"])
+    assert sorted(zip(table.column("sample_id").to_pylist(), table.column("dataset").to_pylist())) == sorted(
+        (s, d) for s, _, d in pairs)
+
+
 def test_partition_by_is_validated():
     from vreason_batch.config import ConfigError
 
