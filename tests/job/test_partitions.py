@@ -59,28 +59,31 @@ def test_split_by_groups_rows_and_keeps_their_order():
     assert [d for d, _ in split_by(t, [])] == [""]
 
 
-def test_sink_writes_one_object_per_partition_named_by_its_keys(tmp_path):
+def test_sink_fills_whole_files_per_partition_named_by_their_keys(tmp_path):
     out = str(tmp_path / "out")
+    # 12 samples x 2 modes over 4 datasets: 3 rows in each of the 8 partitions, in two tables
     pairs = [(f"s{i}", mode, DATASETS[i % len(DATASETS)]) for i in range(12) for mode in ("greedy", "vreason")]
     res = RunResult(run_id="r", output_uri=out)
-    sink = ResultSink(out, rows_per_file=10, compression="zstd", flush_interval_s=3600, result=res,
+    sink = ResultSink(out, rows_per_file=2, compression="zstd", flush_interval_s=3600, result=res,
                       partition_by=["dataset", "mode"])
-    sink.add(table_of(pairs))
+    sink.add(table_of(pairs[:10]))
+    sink.add(table_of(pairs[10:]))
     sink.close()
     files = list_result_files(out)
-    assert res.rows_written == 24 and res.files_written == len(files)
-    rel = [os.path.relpath(f, out) for f in files]
-    assert {r.rsplit("/", 1)[0] for r in rel} == {f"dataset={escape_value(d)}/mode={m}" for d in DATASETS
-                                                  for m in ("greedy", "vreason")}
-    # DuckDB decodes the path: the partition columns read as the values in the files
-    expected = Counter((d, m) for _, m, d in pairs)
-    assert duckdb_counts(f"{out}/**/*.parquet", "dataset", "mode") == expected
-    # every object is named by the keys it holds: a retried write of the sink's first 10 rows lands
-    # on the names it wrote then, adding no file
+    assert res.rows_written == 24 and res.files_written == len(files) == 16
+    sizes: dict[str, list[int]] = {}
     for f in files:
-        assert os.path.basename(f) == shard_key(pads.dataset(f, format="parquet").to_table())
-    again = write_partitioned(out, table_of(pairs[:10]), "zstd", ["dataset", "mode"])
-    assert set(again) <= set(files) and list_result_files(out) == files
+        part = pads.dataset(f, format="parquet").to_table()
+        sizes.setdefault(os.path.relpath(os.path.dirname(f), out), []).append(part.num_rows)
+        assert os.path.basename(f) == shard_key(part)  # named by the (sample_id, mode) keys it holds
+    # each partition filled a file of rows_per_file rows across the two tables, the rest went at close
+    assert {d: sorted(n) for d, n in sizes.items()} == {
+        f"dataset={escape_value(d)}/mode={m}": [1, 2] for d in DATASETS for m in ("greedy", "vreason")}
+    # DuckDB decodes the path: the partition columns read as the values in the files
+    assert duckdb_counts(f"{out}/**/*.parquet", "dataset", "mode") == Counter((d, m) for _, m, d in pairs)
+    # a retried write of a file's rows lands on its name, adding no file
+    first = pads.dataset(files[0], format="parquet").to_table()
+    assert write_partitioned(out, first, "zstd", ["dataset", "mode"]) == [files[0]] and list_result_files(out) == files
     # the planner reads the done keys through the partition directories, run records and temp files aside
     (tmp_path / "out" / "_runs").mkdir(exist_ok=True)
     write_partitioned(str(tmp_path / "out" / "_runs"), table_of([("zz", "greedy", "x")]), "zstd", ["dataset"])
@@ -88,6 +91,22 @@ def test_sink_writes_one_object_per_partition_named_by_its_keys(tmp_path):
     (tmp_path / "out" / "dataset=x" / ".part-1.parquet.tmp").write_bytes(b"half a file")
     done = read_done_keys(out)
     assert sum(len(ids) for ids in done.by_mode.values()) == 24 and ("zz", "greedy") not in done
+
+
+def test_sink_writes_every_partition_whose_rows_waited_flush_interval_s(tmp_path):
+    import time
+
+    out = str(tmp_path / "out")
+    res = RunResult(run_id="r", output_uri=out)
+    sink = ResultSink(out, rows_per_file=1000, compression="zstd", flush_interval_s=0.3, result=res,
+                      partition_by=["mode"])
+    sink.add(table_of([("1", "greedy", "x"), ("1", "vreason", "x"), ("2", "greedy", "x")]))
+    deadline = time.monotonic() + 30
+    while res.rows_written < 3 and time.monotonic() < deadline:  # the timer thread writes, not close()
+        time.sleep(0.1)
+    assert sorted(os.path.relpath(f, out).split("/")[0] for f in list_result_files(out)) == ["mode=greedy", "mode=vreason"]
+    sink.close()
+    assert (res.rows_written, res.files_written) == (3, 2)
 
 
 def test_partitioned_output_on_s3_lists_plans_and_reports(s3_bucket):

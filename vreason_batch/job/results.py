@@ -66,7 +66,8 @@ def write_shard(uri: str, table, compression: str) -> str:
     return dest
 
 
-def write_partitioned(uri: str, table, compression: str, partition_by: list[str], result: RunResult | None = None) -> list[str]:
+def write_partitioned(uri: str, table, compression: str, partition_by: list[str],
+                      result: RunResult | None = None) -> list[str]:
     """Write one table as one whole object per partition (`uri/k=v/.../part-<hash>.parquet`, or
     `uri/part-<hash>.parquet` without partition columns), each counted into `result`; their URIs."""
     from vreason_batch.io import storage
@@ -156,12 +157,40 @@ def write_run_record(cfg: Config, plan: RunPlan, status: str, result: RunResult 
     return dest
 
 
+class _Buffer:
+    """One partition's finished rows waiting for a file: (monotonic arrival time, pyarrow Table), oldest first."""
+
+    def __init__(self):
+        self.tables: list = []
+        self.rows = 0
+
+    def take(self, n: int):
+        """The oldest `n` rows as one table, removed from the buffer."""
+        import pyarrow as pa
+
+        parts, need = [], n
+        while need:
+            arrived, t = self.tables[0]
+            if t.num_rows <= need:
+                parts.append(t)
+                self.tables.pop(0)
+                need -= t.num_rows
+            else:
+                parts.append(t.slice(0, need))
+                self.tables[0] = (arrived, t.slice(need))
+                need = 0
+        self.rows -= n
+        return pa.concat_tables(parts, promote_options="default")
+
+
 class ResultSink:
     """The driver's writer: result tables in from the stream, whole files out.
 
     A file is written every `rows_per_file` rows, and whatever is buffered once its oldest row has
     waited `flush_interval_s` (checked by a timer thread, since the stream may be quiet for long),
-    so a killed driver loses at most that much finished work. Each file is named by the keys it
+    so a killed driver loses at most that much finished work. With `partition_by`, rows are
+    buffered per partition and each partition fills its own files (`rows_per_file` rows each), so
+    a write makes whole files, not one sliver per partition. Each file is named by the keys it
     holds, so however the rows are grouped a row is written once. `rows_finished` counts rows
     received, `result.rows_written` rows in files.
     """
@@ -171,12 +200,11 @@ class ResultSink:
         import threading
 
         self.uri, self.rows_per_file, self.compression = uri, rows_per_file, compression
-        self.partition_by = list(partition_by)  # output.partition_by: one file per partition of each write
+        self.partition_by = list(partition_by)  # output.partition_by; [] = one buffer, the flat layout
         self.flush_interval_s, self.result = flush_interval_s, result
         self.before_write = before_write  # called before each file; raising stops the write
         self.rows_finished = 0
-        self._buffer: list = []  # (monotonic arrival time, pyarrow Table), oldest first
-        self._buffered_rows = 0
+        self._buffers: dict[str, _Buffer] = {}  # partition directory ("" when flat) -> its rows
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -193,16 +221,20 @@ class ResultSink:
             return
         with self._lock:
             self.rows_finished += table.num_rows
-            self._buffer.append((time.monotonic(), table))
-            self._buffered_rows += table.num_rows
-            while self._buffered_rows >= self.rows_per_file:
-                self._write_locked(self.rows_per_file)
+            now = time.monotonic()
+            for rel, part in split_by(table, self.partition_by):
+                buf = self._buffers.setdefault(rel, _Buffer())
+                buf.tables.append((now, part))
+                buf.rows += part.num_rows
+                while buf.rows >= self.rows_per_file:
+                    self._write_locked(rel, self.rows_per_file)
 
     def flush(self) -> None:
         """Write everything buffered now."""
         with self._lock:
-            if self._buffered_rows:
-                self._write_locked(self._buffered_rows)
+            for rel, buf in list(self._buffers.items()):
+                if buf.rows:
+                    self._write_locked(rel, buf.rows)
 
     def close(self, write: bool = True) -> None:
         """Stop the timer and write what is left (or, with write=False, drop it)."""
@@ -213,41 +245,33 @@ class ResultSink:
         if self._error is not None:
             raise self._error
 
-    def _write_locked(self, n: int) -> None:
-        """Write the oldest `n` buffered rows as one file."""
-        import pyarrow as pa
+    def _write_locked(self, rel: str, n: int) -> None:
+        """Write the oldest `n` buffered rows of the partition `rel` as one file."""
+        from vreason_batch.io import storage
 
         if self.before_write is not None:
             self.before_write()
-
-        parts, need = [], n
-        while need:
-            arrived, t = self._buffer[0]
-            if t.num_rows <= need:
-                parts.append(t)
-                self._buffer.pop(0)
-                need -= t.num_rows
-            else:
-                parts.append(t.slice(0, need))
-                self._buffer[0] = (arrived, t.slice(need))
-                need = 0
-        head = pa.concat_tables(parts, promote_options="default")
-        write_partitioned(self.uri, head, self.compression, self.partition_by, self.result)
-        self._buffered_rows -= n
-
-    def _oldest_wait_s(self) -> float:
-        import time
-
-        return time.monotonic() - self._buffer[0][0] if self._buffer else 0.0
+        buf = self._buffers[rel]
+        # Taken only once the write succeeded: a failed write leaves the rows buffered.
+        head = _Buffer()
+        head.tables, head.rows = list(buf.tables), buf.rows
+        table = head.take(n)
+        write_shard(storage.join(self.uri, rel) if rel else self.uri, table, self.compression)
+        buf.tables, buf.rows = head.tables, head.rows
+        tally(self.result, table)
 
     def _flush_on_time(self) -> None:
+        import time
+
         tick = min(1.0, self.flush_interval_s / 4)
         while not self._stop.wait(tick):
             with self._lock:
-                if not self._buffer or self._oldest_wait_s() < self.flush_interval_s:
-                    continue
+                now = time.monotonic()
+                due = [rel for rel, buf in self._buffers.items()
+                       if buf.tables and now - buf.tables[0][0] >= self.flush_interval_s]
                 try:
-                    self._write_locked(self._buffered_rows)
+                    for rel in due:
+                        self._write_locked(rel, self._buffers[rel].rows)
                 except Exception as e:  # noqa: BLE001 - handed to the driver's thread at its next add/close
                     self._error = e
                     return
