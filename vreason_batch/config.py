@@ -212,7 +212,15 @@ class RuntimeConfig(_Strict):
         "call's next row as soon as its row finishes",
     )
     num_actors: int = Field(1, ge=1, description="model actors (one model each)")
-    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per model actor (0 on CPU)")
+    num_gpus_per_actor: float = Field(
+        0.0, ge=0.0, description="GPUs per model actor (0 on CPU); a whole N > 1 shards the model over the actor's "
+        "N GPUs (accelerate's device map; the last layer, final norm and lm_head on one GPU)",
+    )
+    max_memory: dict[str, str] = Field(
+        {}, description="memory each device of a model actor may hold, accelerate's max_memory ({\"0\": \"70GiB\", "
+        "\"cpu\": \"200GiB\"}); layers that find no room are offloaded to CPU memory or disk; empty = all of each GPU",
+    )
+    offload_folder: str | None = Field(None, description="where a model actor keeps layers offloaded to disk")
     num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per model actor")
     video_workers: int = Field(1, ge=1, description="concurrent CPU tasks decoding video")
     max_task_retries: int = Field(
@@ -227,6 +235,14 @@ class RuntimeConfig(_Strict):
         32, ge=1, description="most samples per Ray Data input block (one video task); small runs use fewer so "
         "every model actor gets several blocks",
     )
+
+
+    @field_validator("num_gpus_per_actor")
+    @classmethod
+    def _whole_when_sharded(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"{v:g}: a model sharded over several GPUs takes a whole number of them (or at most 1)")
+        return v
 
 
 class Config(_Strict):
