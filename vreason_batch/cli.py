@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job (local Ray, or the cluster in RAY_ADDRESS)")
     _add_run_args(run)
     run.add_argument("--dry-run", action="store_true", help="validate and plan only: print what would run")
+    run.add_argument("--retry-errors", nargs="?", const="", default=None, metavar="TYPE,...",
+                     help="decode again the error rows of these error types (default: the transient ones) and "
+                     "replace each in its file")
 
     val = sub.add_parser("validate", help="validate a config and its manifest, print the plan size")
     _add_run_args(val)
@@ -111,21 +114,45 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def _retry_types(args) -> tuple[str, ...] | None:
+    """--retry-errors' types; None without it; () (after saying why) when it cannot be used."""
+    from vreason_batch.job.retry import parse_types
+
+    arg = getattr(args, "retry_errors", None)  # (validate shares cmd_run)
+    if arg is None:
+        return None
+    try:
+        types = parse_types(arg)
+    except ValueError as e:
+        print(f"vreason-batch: {e}", file=sys.stderr)
+        return ()
+    if args.overwrite:
+        print("vreason-batch: --retry-errors with --overwrite: --overwrite redoes every row already", file=sys.stderr)
+        return ()
+    return types
+
+
 def cmd_run(args) -> int:
     from vreason_batch.job.lease import LeaseHeld, current_holder
     from vreason_batch.io.manifest import ManifestError
     from vreason_batch.job.pipeline import new_run_id, plan_run, probe_manifest, run_job, take_lease
+    from vreason_batch.job.retry import find_targets
 
     cfg = _load(args)
+    retry_types = _retry_types(args)
+    if retry_types == ():
+        return EXIT_USAGE
     if args.dry_run:
         try:
-            plan = plan_run(cfg, overwrite=args.overwrite, dry_run=True)
+            retry = find_targets(cfg.output.uri, retry_types) if retry_types else None
+            plan = plan_run(cfg, overwrite=args.overwrite, dry_run=True, retry=retry)
         except ManifestError as e:
             print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
             return EXIT_USAGE
         holder = current_holder(cfg.output.uri)
         print(json.dumps({"samples": plan.num_samples, "pairs_total": plan.num_pairs_total,
                           "pairs_done": plan.num_pairs_done, "pairs_pending": plan.num_pairs_pending,
+                          "pairs_retried": retry.num_scheduled_total if retry else 0,
                           "config_hash": plan.config_hash, "manifest": plan.manifest_summary,
                           "held_by_run": holder.run_id if holder else None}, indent=2))
         return 0
@@ -143,7 +170,8 @@ def cmd_run(args) -> int:
         return EXIT_LEASE_HELD
     try:
         try:
-            plan = plan_run(cfg, overwrite=args.overwrite, run_id=lease.run_id)
+            retry = find_targets(cfg.output.uri, retry_types) if retry_types else None
+            plan = plan_run(cfg, overwrite=args.overwrite, run_id=lease.run_id, retry=retry)
         except ManifestError as e:
             print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
             return EXIT_USAGE
@@ -154,6 +182,7 @@ def cmd_run(args) -> int:
         f"[vreason-batch] done: run {res.run_id}: {res.rows_written} rows in {res.files_written} files under "
         f"{res.output_uri} ({res.skipped_done} already there), {res.rows_failed} failed"
         + (f" {res.failed_by_type}" if res.failed_by_type else "")
+        + (f", {res.rows_retried} error rows retried ({res.rows_retry_succeeded} now results)" if retry_types else "")
         + f", {res.wall_s:.1f}s",
         flush=True,
     )

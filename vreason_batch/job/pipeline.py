@@ -25,6 +25,7 @@ from vreason_batch.job.metrics import metrics_collector_class
 from vreason_batch.job.plan import RunPlan, input_blocks, new_run_id, plan_run
 from vreason_batch.job.resources import WaitingNotice, check_schedulable
 from vreason_batch.job.results import ResultSink, RunResult, write_run_record
+from vreason_batch.job.retry import RetrySink
 from vreason_batch.job.stages import ModelStage, model_batch_rows, model_needs_video, video_stage
 
 log = logging.getLogger(__name__)
@@ -206,6 +207,8 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     out = cfg.output
     # lease.check before every write: a run whose lease was taken over must not write
     sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check)
+    if plan.retry is not None:  # retried rows go back into their own files, not into new ones
+        sink = RetrySink(sink, plan.retry, out.compression)
     progress = _Progress(plan.num_pairs_pending, cfg.runtime.progress_interval_s)
     restarts: list[str] = []
     try:
@@ -225,7 +228,7 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
             log.warning("pipeline failed (%s); restart %d of %d on what is still missing",
                         lost, len(restarts), cfg.runtime.max_pipeline_restarts)
             sink.flush()
-            todo = plan_run(cfg, run_id=plan.run_id)
+            todo = plan_run(cfg, run_id=plan.run_id, retry=plan.retry)
         sink.close()
     except BaseException as e:
         try:
