@@ -47,7 +47,7 @@ def samples_per_block(cfg: Config, num_samples: int) -> int:
     actor several, and no block exceeds runtime.max_samples_per_block (unless MAX_INPUT_BLOCKS would).
     """
     rt = cfg.runtime
-    by_balance = -(-num_samples // (BLOCKS_PER_ACTOR * rt.num_actors))
+    by_balance = -(-num_samples // (BLOCKS_PER_ACTOR * rt.actor_pool[1]))
     by_cap = -(-num_samples // MAX_INPUT_BLOCKS)
     return max(1, by_cap, min(rt.max_samples_per_block, by_balance))
 
@@ -93,7 +93,7 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
             },
             batch_size=model_batch_rows(cfg, plan.num_samples_pending, plan.num_videos_pending),
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=rt.num_actors),
+            compute=_actor_pool(rt),
             num_gpus=rt.num_gpus_per_actor or None,
             num_cpus=rt.num_cpus_per_actor,
             max_restarts=rt.max_task_retries,
@@ -102,6 +102,14 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
     finally:
         ctx.target_max_block_size = saved_block_bytes
     return ds
+
+
+def _actor_pool(rt):
+    """Ray Data's actor pool: a fixed size, or one that autoscales between [min, max]."""
+    from ray.data import ActorPoolStrategy
+
+    lo, hi = rt.actor_pool
+    return ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
