@@ -52,6 +52,9 @@ def test_host_syncs_are_the_readback_alone(figures):
         assert figures[f"{mode}_host_syncs_by_call"] == {"readback.read.tolist": 1}
         assert figures[f"{mode}_host_syncs_per_step"] == 1
         assert figures[f"{mode}_sync_ops_per_step"] == 0  # nor an op that waits for the device (mask indexing, ...)
+    # a step where rows finish reads each finished row's counters (peak step; controller updates where
+    # controlled) and where the live rows' padding starts: 1 of the 2 rows retired here
+    assert figures["greedy_retire_half_host_syncs"] == 1 + 1 and figures["vreason_retire_half_host_syncs"] == 2 + 1
     assert figures["hf_host_syncs_per_step"] >= 1  # HF's loop checks on the host whether every row has finished
 
 
@@ -110,5 +113,5 @@ def test_a_sync_put_into_the_step_is_counted_in_the_step(monkeypatch):
         return choose(logits, *args)
 
     monkeypatch.setattr(step, "choose_tokens", reading)
-    per_step = count_our_steps(tiny_lm(), [video_inputs(0), video_inputs(1, 6)], decode_settings("greedy", 8), 2)
+    per_step, _ = count_our_steps(tiny_lm(), [video_inputs(0), video_inputs(1, 6)], decode_settings("greedy", 8), 2)
     assert [(c["step.read.item"], c["step.sync_ops"], c["readback.read.tolist"]) for c in per_step] == [(1, 1, 1)] * 2

@@ -19,8 +19,9 @@ disabled, float32 on CPU unless --dtype says otherwise:
 - per layer / fixed: ops inside the decoder layers HF runs (forward hooks), per layer; the rest is
   fixed. `*_28_layers_est` is fixed + per layer x 28 (Qwen2.5-VL-7B's depth): an ESTIMATE from
   the model run, scaled by layers, not a measurement of the 7B model.
-- ms: the loop body's mean ms per step over `--new-tokens` steps after 2 warm-up steps, median of
-  `--repeats` (prefill not timed, one untimed run first). HF: (generate N - generate 1) / (N - 1).
+- ms: mean ms per step over `--new-tokens` steps after 2 warm-up steps (prefill not timed): ours the
+  loop body, HF generate's steps from a clock it calls after every token (a stopping criterion).
+  Median of `--repeats`, the three interleaved (the machine's load hits all alike), one untimed run first.
 """
 
 from __future__ import annotations
@@ -178,8 +179,9 @@ def _prefilled(lm, prompts, settings):
     return head, prefill(lm, head, prompts, settings), StopStrings(lm.tokenizer, settings.stop_strings)
 
 
-def count_our_steps(lm, prompts, settings, steps: int) -> list[Counter]:
-    """Per step: the loop body's counts, {"step.ops": .., "readback.read.tolist": .., ...}."""
+def count_our_steps(lm, prompts, settings, steps: int) -> tuple[list[Counter], Counter]:
+    """Per step: the loop body's counts, {"step.ops": .., "readback.read.tolist": .., ...}; and the
+    counts of `retire` when every other row finishes (what a step where rows finish adds)."""
     from vreason_batch.engine.precision import ieee_float32
 
     tally, per_step = Tally(), []
@@ -190,7 +192,9 @@ def count_our_steps(lm, prompts, settings, steps: int) -> list[Counter]:
                 tally.counts.clear()
                 _loop_body(lm, head, st, settings, stops, tally)
                 per_step.append(Counter({f"{region}.{k}": v for region, c in tally.counts.items() for k, v in c.items()}))
-    return per_step
+            with tally.counting("retire"):
+                st.retire(list(range(0, len(st.rows), 2)))
+    return per_step, tally.counts["retire"]
 
 
 def count_by_difference(lm, run, n: int) -> Counter:
@@ -223,14 +227,27 @@ def our_timer(lm, prompts, settings, steps: int):
     return run
 
 
-def hf_timer(run, n: int):
-    """() -> HF generate's ms per step: (generate of n tokens - generate of 1) / (n - 1), back to back."""
+def hf_timer(lm, prompts, steps: int):
+    """() -> HF generate's mean ms per step over `steps` steps after 2 warm-up steps, from a clock that
+    generate calls after every token (a stopping criterion that never stops)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
+    run = _hf_generate(lm, prompts)
+
+    class Clock(StoppingCriteria):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            sync()
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
     def timed() -> float:
-        t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        run(n)
-        return 1000 * ((time.perf_counter() - t1) - (t1 - t0)) / (n - 1)
+        clock = Clock()
+        run(steps + 3, StoppingCriteriaList([clock]))  # times[0]: the prefill's token; then 2 warm-up steps
+        return 1000 * (clock.times[-1] - clock.times[2]) / (len(clock.times) - 3)
     return timed
 
 
@@ -267,8 +284,9 @@ def _per_layer(c: Counter, ops: float, views: float, prefix: str, layers: int) -
     return out
 
 
-def our_figures(per_step: list[Counter], layers: int) -> dict[str, Any]:
-    """The loop body's figures per step from `count_our_steps`: ops, views, host syncs, per layer."""
+def our_figures(per_step: list[Counter], retire: Counter, layers: int) -> dict[str, Any]:
+    """The loop body's figures per step from `count_our_steps`: ops, views, host syncs, per layer;
+    and what retiring every other row adds."""
     c = _mean_counts(per_step)
     ops, views = c["step.ops"] + c["readback.ops"], c["step.view_ops"] + c["readback.view_ops"]
     out = {"ops_per_step": ops, "step_ops": c["step.ops"], "readback_ops": c["readback.ops"],
@@ -278,7 +296,8 @@ def our_figures(per_step: list[Counter], layers: int) -> dict[str, Any]:
            "readback_host_syncs": _reads(c, "readback."),
            "host_syncs_by_call": {k: v for k, v in sorted(c.items()) if ".read." in k and v},
            "update_step_ops": statistics.fmean(s["step.ops"] + s["readback.ops"] for s in per_step[0::2]),
-           "plain_step_ops": statistics.fmean(s["step.ops"] + s["readback.ops"] for s in per_step[1::2])}
+           "plain_step_ops": statistics.fmean(s["step.ops"] + s["readback.ops"] for s in per_step[1::2]),
+           "retire_half_host_syncs": _reads(retire), "retire_half_sync_ops": retire["sync_ops"]}
     return out | _per_layer(c, ops, views, "step.", layers)
 
 
@@ -296,10 +315,10 @@ def _hf_generate(lm, prompts):
     if lm.is_vl:
         inputs["mm_token_type_ids"] = lm.video_mask(inputs).int() * 2  # 2 = video, as HF's processor gives
 
-    def run(n: int) -> None:
+    def run(n: int, stopping_criteria=None) -> None:
         with torch.no_grad():
             lm.model.generate(**inputs, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=lm.pad_token_id, eos_token_id=None)
+                              pad_token_id=lm.pad_token_id, eos_token_id=None, stopping_criteria=stopping_criteria)
     return run
 
 
@@ -330,16 +349,18 @@ def run_step_bench(args) -> dict[str, Any]:
     figures: dict[str, Any] = {"model": lm.name, "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
                                "batch": len(prompts), "steps": n, "layers": layers, "update_every": 2}
     hf = {} if args.no_hf else hf_figures(count_by_difference(lm, _hf_generate(lm, prompts), n), layers)
-    ours = {name: our_figures(count_our_steps(lm, prompts, s, n), layers) for name, s in runs.items()}
+    ours = {name: our_figures(*count_our_steps(lm, prompts, s, n), layers) for name, s in runs.items()}
     for name, fig in (("hf", hf), *ours.items()):
         figures.update({f"{name}_{k}": _rounded(v) for k, v in fig.items()})
     figures["greedy_driver_ops_per_step"] = count_by_difference(lm, _driver(lm, prompts, "greedy"), n)["ops"]
     timers = {name: our_timer(lm, prompts, s, n) for name, s in runs.items()}
     if hf:
-        timers["hf"] = hf_timer(_hf_generate(lm, prompts), n)
+        timers["hf"] = hf_timer(lm, prompts, n)
     figures.update({f"{name}_ms_per_step": ms for name, ms in interleaved_ms(timers, args.repeats).items()})
     figures["eager_ms_per_step"] = figures["greedy_ms_per_step"]  # the greedy step, as the compiled one will be
+    figures["vreason_vs_greedy_ms"] = round(figures["vreason_ms_per_step"] / figures["greedy_ms_per_step"], 3)
     if hf:
+        figures["greedy_vs_hf_ms"] = round(figures["greedy_ms_per_step"] / figures["hf_ms_per_step"], 3)
         _goals(figures)
     figures.update({k: None for k in NOT_MEASURED}, not_measured=dict(NOT_MEASURED))
     _print(figures)
@@ -376,8 +397,10 @@ def _print(f: dict[str, Any]) -> None:
     for n in ("greedy", "vreason"):
         print(f"  {n}: step {f[f'{n}_step_ops']} ops / {f[f'{n}_step_host_syncs']} syncs, readback "
               f"{f[f'{n}_readback_ops']} ops / {f[f'{n}_readback_host_syncs']} syncs; update steps "
-              f"{f[f'{n}_update_step_ops']} ops, plain {f[f'{n}_plain_step_ops']}")
-    print(f"  greedy through decode_requests: {f['greedy_driver_ops_per_step']} ops/step")
+              f"{f[f'{n}_update_step_ops']} ops, plain {f[f'{n}_plain_step_ops']}; retiring {f['batch'] // 2 + f['batch'] % 2} "
+              f"of {f['batch']} rows: {f[f'{n}_retire_half_host_syncs']} syncs")
+    print(f"  greedy through decode_requests: {f['greedy_driver_ops_per_step']} ops/step; ms ratios in this run: "
+          f"vreason / greedy {f['vreason_vs_greedy_ms']}x" + (f", greedy / HF {f['greedy_vs_hf_ms']}x" if "greedy_vs_hf_ms" in f else ""))
     if "greedy_vs_hf_ops" in f:
         print("  ops vs HF (goal greedy <= 1.0, vreason <= 1.1): " + ", ".join(
             f"{n} {f[f'{n}_vs_hf_ops{e}']}x{' (28-layer est)' if e else ''} "
