@@ -1,4 +1,4 @@
-"""`bench --workload step`: its JSON, and the op and host-sync counters it is built on."""
+"""`bench --workload step`: its JSON, and the op and host-sync counters (bench/counters.py) it is built on."""
 
 import contextlib
 import io
@@ -8,7 +8,8 @@ import operator
 import pytest
 import torch
 
-from vreason_batch.bench.step import NOT_MEASURED, OpCounter, Tally, count_host_reads
+from vreason_batch.bench.counters import OpCounter, Tally, count_host_reads
+from vreason_batch.bench.step import NOT_MEASURED
 from vreason_batch.cli import main
 
 ISSUE_KEYS = ("hf_ops_per_step", "greedy_ops_per_step", "vreason_ops_per_step", "greedy_host_syncs_per_step",
