@@ -247,7 +247,8 @@ def run_step_bench(args) -> dict[str, Any]:
     if hf:
         figures["greedy_vs_hf_ms"] = round(figures["greedy_ms_per_step"] / figures["hf_ms_per_step"], 3)
         _goals(figures)
-    figures.update({k: None for k in NOT_MEASURED}, not_measured=dict(NOT_MEASURED))
+    not_measured = dict(NOT_MEASURED) | ({} if hf else {"hf_ops_per_step": "--no-hf"})
+    figures.update({k: None for k in not_measured}, not_measured=not_measured)
     _print(figures)
     return figures
 
@@ -272,7 +273,7 @@ def _goals(figures: dict[str, Any]) -> None:
 
 
 def _print(f: dict[str, Any]) -> None:
-    names = [n for n in ("hf", "greedy", "vreason") if f"{n}_ops_per_step" in f]
+    names = [n for n in ("hf", "greedy", "vreason") if f.get(f"{n}_ops_per_step") is not None]
     print(f"  {'':<8} {'ops/step':>9} {'views':>7} {'syncs':>6} {'per layer':>10} {'fixed':>7} "
           f"{'28-layer est':>13} {'ms/step':>8}")
     for n in names:
