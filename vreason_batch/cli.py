@@ -71,13 +71,14 @@ def _add_bench_parser(sub) -> None:
                                      "overhead (prints figures)")
     b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     b.add_argument("--workload", default="decode",
-                   choices=["decode", "precision", "pipeline", "plan", "reasoning", "prefill", "video"],
+                   choices=["decode", "precision", "pipeline", "plan", "reasoning", "prefill", "video", "step"],
                    help="decode: the decode loop per mode; precision: the controller's effect in float32 vs "
                         "bf16/fp16; pipeline: the job's cost per row outside the model; "
                         "plan: run --dry-run time and memory on a generated corpus; reasoning: static vs "
                         "continuous batching on mixed-length answers (SmolLM2); prefill: separate vs shared "
                         "prefills for several questions per video; video: the video readers (ms per sampled "
-                        "frame, long vs short seek)")
+                        "frame, long vs short seek); step: ATen ops, host syncs and ms per decode step (greedy, "
+                        "vreason at k = 2, HF generate)")
     b.add_argument("--rows", default="1000,6000",
                    help="pipeline: the two run sizes (manifest rows) whose difference gives the cost per row")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -286,6 +287,10 @@ def cmd_bench(args) -> int:
         args.modes = args.modes or "greedy,vreason,vreason_lite"
         args.model = args.model or "builtin:tiny-qwen2.5-vl"
         figures = run_prefill_bench(args)
+    elif args.workload == "step":
+        from vreason_batch.bench.step import run_step_bench
+
+        figures = run_step_bench(args)
     else:
         from vreason_batch.bench.decode import run_bench
 
