@@ -33,5 +33,6 @@ part gemm 60 -m vreason_batch.bench.gpu gemm --device "$DEV" "${GEMM[@]}"
 part agreement 120 -m vreason_batch.bench.gpu agreement --device "$DEV" --new-tokens "$TOKENS"
 part step 300 -m vreason_batch.bench.gpu step --device "$DEV" --arch "$ARCH" --batches "$BATCHES" \
   --new-tokens "$TOKENS" --repeats "$REPEATS"
+part ops 180 -m vreason_batch.cli bench --workload step --device "$DEV"  # ops and host syncs per step vs HF
 echo "figures in $OUT/"
 exit $failed

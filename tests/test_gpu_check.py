@@ -14,6 +14,7 @@ def test_the_script_parses_and_names_only_parts_that_exist():
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")], check=True)
     for part in ("gemm", "agreement", "step"):
         assert f"vreason_batch.bench.gpu {part}" in script
+    assert "bench --workload step" in script
 
 
 def test_the_gemm_part_measures_both_paths_against_float64(capsys):
