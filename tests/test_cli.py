@@ -91,6 +91,28 @@ def test_dry_run_overwrite_deletes_nothing(job, tmp_path, capsys):
     assert Path(part).exists()
 
 
+def test_dry_run_retry_errors_counts_the_error_rows_it_would_redo(job, tmp_path, capsys):
+    cfg = config_from_dict(job)
+    rows = []
+    for sid, mode, err in (("c0", "greedy", None), ("c0", "vreason", "out_of_memory"), ("c1", "greedy", "video_unreadable")):
+        row = empty_row()
+        row.update(schema_version=SCHEMA_VERSION, run_id="r0", config_hash=cfg.config_hash(), model="m",
+                   sample_id=sid, mode=mode, error_type=err, error=err)
+        rows.append(row)
+    write_shard(cfg.output.uri, rows_to_table(rows), "zstd")
+    path = write_config(tmp_path, job)
+    assert main(["run", path, "--dry-run"]) == 0
+    assert (printed_plan(capsys)["pairs_pending"]) == 3  # error rows count as done
+    assert main(["run", path, "--dry-run", "--retry-errors"]) == 0  # the transient types: out_of_memory
+    plan = printed_plan(capsys)
+    assert (plan["pairs_pending"], plan["pairs_retried"]) == (4, 1)
+    assert main(["run", path, "--dry-run", "--retry-errors", "video_unreadable,out_of_memory"]) == 0
+    assert printed_plan(capsys)["pairs_retried"] == 2
+    assert main(["run", path, "--retry-errors", "video_missing"]) == EXIT_USAGE
+    assert "unknown error type" in capsys.readouterr().err
+    assert main(["run", path, "--retry-errors", "--overwrite"]) == EXIT_USAGE
+
+
 @pytest.mark.parametrize(
     "edit, overrides, names",
     [

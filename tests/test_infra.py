@@ -425,7 +425,9 @@ def test_entrypoint_config_fits_the_gpu_group():
     assert 0 < runtime.num_gpus_per_actor <= gpus_per_pod
     assert runtime.num_cpus_per_actor <= cpus_per_pod
     actors_per_pod = gpus_per_pod // runtime.num_gpus_per_actor
-    assert runtime.num_actors <= group["maxReplicas"] * actors_per_pod
+    low, high = runtime.actor_pool
+    assert low < high, "the nightly pool follows the GPU group as it scales"
+    assert low >= max(1, group["minReplicas"]) and high <= group["maxReplicas"] * actors_per_pod
 
 
 def test_entrypoint_script_runs():

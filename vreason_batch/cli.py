@@ -29,6 +29,9 @@ def parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a job (local Ray, or the cluster in RAY_ADDRESS)")
     _add_run_args(run)
     run.add_argument("--dry-run", action="store_true", help="validate and plan only: print what would run")
+    run.add_argument("--retry-errors", nargs="?", const="", default=None, metavar="TYPE,...",
+                     help="decode again the error rows of these error types (default: the transient ones) and "
+                     "replace each in its file")
 
     val = sub.add_parser("validate", help="validate a config and its manifest, print the plan size")
     _add_run_args(val)
@@ -68,13 +71,14 @@ def _add_bench_parser(sub) -> None:
                                      "overhead (prints figures)")
     b.add_argument("--json", action="store_true", help="last stdout line is one JSON object")
     b.add_argument("--workload", default="decode",
-                   choices=["decode", "precision", "pipeline", "plan", "reasoning", "prefill", "video"],
+                   choices=["decode", "precision", "pipeline", "plan", "reasoning", "prefill", "video", "step"],
                    help="decode: the decode loop per mode; precision: the controller's effect in float32 vs "
                         "bf16/fp16; pipeline: the job's cost per row outside the model; "
                         "plan: run --dry-run time and memory on a generated corpus; reasoning: static vs "
                         "continuous batching on mixed-length answers (SmolLM2); prefill: separate vs shared "
                         "prefills for several questions per video; video: the video readers (ms per sampled "
-                        "frame, long vs short seek)")
+                        "frame, long vs short seek); step: ATen ops, host syncs and ms per decode step (greedy, "
+                        "vreason at k = 2, HF generate)")
     b.add_argument("--rows", default="1000,6000",
                    help="pipeline: the two run sizes (manifest rows) whose difference gives the cost per row")
     b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -111,21 +115,45 @@ def _load(args):
     return load_config(args.config, args.overrides)
 
 
+def _retry_types(args) -> tuple[str, ...] | None:
+    """--retry-errors' types; None without it; () (after saying why) when it cannot be used."""
+    from vreason_batch.job.retry import parse_types
+
+    arg = getattr(args, "retry_errors", None)  # (validate shares cmd_run)
+    if arg is None:
+        return None
+    try:
+        types = parse_types(arg)
+    except ValueError as e:
+        print(f"vreason-batch: {e}", file=sys.stderr)
+        return ()
+    if args.overwrite:
+        print("vreason-batch: --retry-errors with --overwrite: --overwrite redoes every row already", file=sys.stderr)
+        return ()
+    return types
+
+
 def cmd_run(args) -> int:
     from vreason_batch.job.lease import LeaseHeld, current_holder
     from vreason_batch.io.manifest import ManifestError
     from vreason_batch.job.pipeline import new_run_id, plan_run, probe_manifest, run_job, take_lease
+    from vreason_batch.job.retry import find_targets
 
     cfg = _load(args)
+    retry_types = _retry_types(args)
+    if retry_types == ():
+        return EXIT_USAGE
     if args.dry_run:
         try:
-            plan = plan_run(cfg, overwrite=args.overwrite, dry_run=True)
+            retry = find_targets(cfg.output.uri, retry_types) if retry_types else None
+            plan = plan_run(cfg, overwrite=args.overwrite, dry_run=True, retry=retry)
         except ManifestError as e:
             print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
             return EXIT_USAGE
         holder = current_holder(cfg.output.uri)
         print(json.dumps({"samples": plan.num_samples, "pairs_total": plan.num_pairs_total,
                           "pairs_done": plan.num_pairs_done, "pairs_pending": plan.num_pairs_pending,
+                          "pairs_retried": retry.num_scheduled_total if retry else 0,
                           "config_hash": plan.config_hash, "manifest": plan.manifest_summary,
                           "held_by_run": holder.run_id if holder else None}, indent=2))
         return 0
@@ -143,7 +171,8 @@ def cmd_run(args) -> int:
         return EXIT_LEASE_HELD
     try:
         try:
-            plan = plan_run(cfg, overwrite=args.overwrite, run_id=lease.run_id)
+            retry = find_targets(cfg.output.uri, retry_types) if retry_types else None
+            plan = plan_run(cfg, overwrite=args.overwrite, run_id=lease.run_id, retry=retry)
         except ManifestError as e:
             print(f"vreason-batch: manifest error: {e}", file=sys.stderr)
             return EXIT_USAGE
@@ -154,6 +183,7 @@ def cmd_run(args) -> int:
         f"[vreason-batch] done: run {res.run_id}: {res.rows_written} rows in {res.files_written} files under "
         f"{res.output_uri} ({res.skipped_done} already there), {res.rows_failed} failed"
         + (f" {res.failed_by_type}" if res.failed_by_type else "")
+        + (f", {res.rows_retried} error rows retried ({res.rows_retry_succeeded} now results)" if retry_types else "")
         + f", {res.wall_s:.1f}s",
         flush=True,
     )
@@ -265,6 +295,10 @@ def cmd_bench(args) -> int:
         args.modes = args.modes or "greedy,vreason,vreason_lite"
         args.model = args.model or "builtin:tiny-qwen2.5-vl"
         figures = run_prefill_bench(args)
+    elif args.workload == "step":
+        from vreason_batch.bench.step import run_step_bench
+
+        figures = run_step_bench(args)
     else:
         from vreason_batch.bench.decode import run_bench
 

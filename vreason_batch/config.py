@@ -231,13 +231,21 @@ class RuntimeConfig(_Strict):
         8, ge=1, description="(sample, mode) rows decoding together in a model actor; a slot is refilled with the "
         "call's next row as soon as its row finishes",
     )
-    num_actors: int = Field(1, ge=1, description="model actors (one model each)")
-    num_gpus_per_actor: float = Field(0.0, ge=0.0, description="GPUs per model actor (0 on CPU)")
+    num_actors: int | list[int] = Field(
+        1, description="model actors (one model each); [min, max]: an autoscaling pool that starts with min and "
+        "grows to max while the cluster has room (a KubeRay GPU group that scales up gets more actors)",
+    )
+    num_gpus_per_actor: float = Field(
+        0.0, ge=0.0, description="GPUs per model actor (0 on CPU); a whole N > 1 shards the model over the actor's "
+        "N GPUs (accelerate's device map; the last layer, final norm and lm_head on one GPU)",
+    )
+    max_memory: dict[str, str] = Field({}, description="memory each device of a model actor may hold (accelerate's "
+                                       "max_memory, {'0': '70GiB', 'cpu': '200GiB'}); what finds no room is offloaded")
+    offload_folder: str | None = Field(None, description="where a model actor keeps layers offloaded to disk")
     num_cpus_per_actor: float = Field(1.0, gt=0.0, description="CPUs reserved per model actor")
     video_workers: int = Field(1, ge=1, description="concurrent CPU tasks decoding video")
-    max_task_retries: int = Field(
-        2, ge=0, description="Ray retries of a video task / model batch whose worker died (crash, node loss)"
-    )
+    max_task_retries: int = Field(2, ge=0, description="Ray retries of a video task / model batch whose worker "
+                                  "died (crash, node loss)")
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
     max_pipeline_restarts: int = Field(
         3, ge=0, description="times a run rebuilds its pipeline for the rows still missing once Ray's own "
@@ -247,6 +255,27 @@ class RuntimeConfig(_Strict):
         32, ge=1, description="most samples per Ray Data input block (one video task); small runs use fewer so "
         "every model actor gets several blocks",
     )
+
+
+    @field_validator("num_actors")
+    @classmethod
+    def _actor_pool(cls, v: int | list[int]) -> int | list[int]:
+        lo, hi = (v, v) if isinstance(v, int) else (v[0], v[-1]) if len(v) == 2 else (0, 0)
+        if lo < 1 or hi < lo:
+            raise ValueError(f"{v}: a number of actors (at least 1), or [min, max] with 1 <= min <= max")
+        return v
+
+    @property
+    def actor_pool(self) -> tuple[int, int]:
+        """(min, max) model actors: equal for a fixed pool."""
+        return (self.num_actors,) * 2 if isinstance(self.num_actors, int) else tuple(self.num_actors)
+
+    @field_validator("num_gpus_per_actor")
+    @classmethod
+    def _whole_when_sharded(cls, v: float) -> float:
+        if v > 1 and v != int(v):
+            raise ValueError(f"{v:g}: a model sharded over several GPUs takes a whole number of them (or at most 1)")
+        return v
 
 
 class Config(_Strict):

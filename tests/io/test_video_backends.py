@@ -159,6 +159,7 @@ def test_keyframe_flags_that_lie_still_give_the_right_frames(clips, monkeypatch)
         return table
 
     monkeypatch.setattr(video_pyav, "index_frames", every_packet_a_keyframe)
+    monkeypatch.setattr(video_pyav, "index_from_moov", lambda *args: None)  # the demuxer's table, lying
     path = _clip(clips, "mp4-h264")
     counts: dict[str, int] = {}
     clip = video_pyav.load_pyav(str(path), str(path), VideoConfig(num_frames=4), counts)
@@ -214,8 +215,8 @@ def test_packets_without_timestamps_are_counted_from_the_start(clips, monkeypatc
 # How auto chooses
 
 
-def _probe(container="mov,mp4,m4a,3gp,3g2,mj2", codec="h264", width=1280, height=720) -> Probe:
-    return Probe(container=container, codec=codec, height=height, width=width)
+def _probe(container="mov,mp4,m4a,3gp,3g2,mj2", codec="h264", width=1280, height=720, frames=300) -> Probe:
+    return Probe(container=container, codec=codec, height=height, width=width, frames=frames)
 
 
 def test_auto_chooses_by_what_the_file_is():
@@ -226,6 +227,9 @@ def test_auto_chooses_by_what_the_file_is():
     assert choose_backend(_probe(codec="av1"), "auto") == "pyav"
     assert choose_backend(_probe(codec="some_new_codec"), "auto") == "pyav"
     assert choose_backend(_probe(width=16, height=16), "auto") == "pyav"
+    # a long mp4: PyAV reads its frame table from the sample tables, decord demuxes every packet
+    assert choose_backend(_probe(frames=video_probe.LONG_MP4_FRAMES + 1), "auto") == "pyav"
+    assert choose_backend(_probe(container="matroska,webm", frames=10**6), "auto") == "decord"
     # a backend named in the config is used as it is
     assert choose_backend(_probe(container="mpegts"), "decord") == "decord"
     assert choose_backend(_probe(), "pyav") == "pyav"

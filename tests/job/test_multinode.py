@@ -1,4 +1,4 @@
-"""A worker node lost mid-run, on a real multi-node local cluster (`ray.cluster_utils.Cluster`).
+"""A worker node lost, and one added, mid-run, on a real multi-node local cluster (`ray.cluster_utils.Cluster`).
 
 A head without CPUs (so every task and actor lands on a worker node) and two worker nodes; the
 node running the model actor is removed (all its processes killed, as a preempted spot instance)
@@ -124,3 +124,62 @@ def test_worker_node_lost_mid_run_completes_exactly_once(cluster, tmp_path):
     record = json.loads((out / "_runs" / f"{res.run_id}.json").read_text())
     assert record["status"] == "finished"
     print("pipeline restarts after the node loss:", record["pipeline_restarts"])
+
+
+@pytest.fixture
+def growing_cluster():
+    """A head without CPUs and one worker node with room for one model actor (2 CPUs) and one video task."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    assert not ray.is_initialized(), "another module's Ray is still up"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c.add_node(num_cpus=3)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    yield c
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_an_autoscaling_actor_pool_puts_an_actor_on_a_node_added_mid_run(growing_cluster, tmp_path):
+    import ray._private.state as state
+
+    from vreason_batch.job.pipeline import run_job
+
+    n = 32
+    manifest = tmp_path / "questions.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 2?"}) + "\n" for i in range(n)))
+    out = tmp_path / "out"
+    cfg = config_from_dict({
+        "input": {"manifest": str(manifest), "text_only": True},
+        "output": {"uri": str(out), "rows_per_file": 2, "flush_interval_s": 1},
+        "model": {"name_or_path": "builtin:tiny-qwen2.5-vl"},
+        "decoding": {"modes": list(MODES), "max_new_tokens": 8, "stop_strings": []},
+        "runtime": {"batch_size": 2, "num_actors": [1, 2], "num_cpus_per_actor": 2, "progress_interval_s": 1.0},
+    })
+    outcome: dict = {}
+    driver = threading.Thread(target=lambda: outcome.update(result=run_job(cfg)), daemon=True)
+    driver.start()
+    deadline = time.monotonic() + FIRST_FILE_S
+    while not (out.is_dir() and any(out.glob("part-*.parquet"))):
+        assert driver.is_alive() and time.monotonic() < deadline, f"no result file\n{_diagnose(driver)}"
+        time.sleep(0.1)
+    first_node = _model_actor_node(timeout_s=30)
+    added = growing_cluster.add_node(num_cpus=2)  # the GPU group scaled up: room for one more actor
+    node_of: dict[int, str] = {}  # model actor pid -> its node, while they live
+    deadline = time.monotonic() + RUN_AFTER_LOSS_S
+    while driver.is_alive() and time.monotonic() < deadline:
+        node_of.update({a["Pid"]: a["Address"]["NodeID"] for a in state.actors().values()
+                        if "ModelStage" in a["ActorClassName"] and a["State"] == "ALIVE"})
+        time.sleep(0.2)
+    assert not driver.is_alive(), f"the run did not finish\n{_diagnose(driver)}"
+    res = outcome["result"]
+    assert (res.rows_written, res.rows_failed) == (n * len(MODES), 0)
+    t = pads.dataset(str(out), format="parquet").to_table(columns=["sample_id", "mode"])
+    assert Counter(Counter(zip(t.column("sample_id").to_pylist(), t.column("mode").to_pylist())).values()) == {1: n * 2}
+    on_new = [pid for pid, node in node_of.items() if node == added.node_id]
+    assert first_node != added.node_id and on_new, f"no model actor on the added node: {node_of}"
+    record = json.loads((out / "_runs" / f"{res.run_id}.json").read_text())
+    answered = {int(k.rsplit(":", 1)[1]): snap.get("samples", 0) for k, snap in record["actor_metrics"].items()}
+    assert any(answered.get(pid, 0) > 0 for pid in on_new), (answered, on_new)  # it answered rows

@@ -32,7 +32,8 @@ from vreason_batch.config import Config, config_from_dict
 from vreason_batch.job.lease import LeaseHeld, current_holder
 from vreason_batch.job.pipeline import run_job
 from vreason_batch.job.plan import OutputConflict, plan_run
-from vreason_batch.job.results import RUNS_DIR
+from vreason_batch.job.results import RUNS_DIR, ResultSink, RunResult
+from vreason_batch.job.retry import TRANSIENT_ERROR_TYPES, RetrySink, find_targets, parse_types
 from vreason_batch.io.schema import OUTPUT_SCHEMA, VIDEO_BACKENDS
 from vreason_batch.job.stages.healing import ENGINE_FAULT_ENV
 from vreason_batch.job.stages.model import FAULT_ENV
@@ -410,6 +411,59 @@ def test_resume_incremental_overwrite_and_conflict(local_ray, counter_videos, tm
     plan = plan_run(tiny_config(manifest, out, "controller.lr=0.5"), overwrite=True)
     assert (plan.num_pairs_done, plan.num_pairs_pending) == (0, 16)
     assert storage.list_files(out, "*") == []  # the refused run released (deleted) its lease too
+
+
+def test_retry_errors_replaces_each_error_row_in_its_own_file_exactly_once(local_ray, counter_videos, tmp_path):
+    late = [str(tmp_path / "late" / f"v{i}.mp4") for i in range(2)]  # uploaded after the first run
+    rows = counter_rows([counter_videos[0], late[0], counter_videos[1], late[1]])
+    ids = [r["id"] for r in rows]
+    cfg = tiny_config(write_jsonl(tmp_path / "m.jsonl", rows), str(tmp_path / "out"))
+    out = cfg.output.uri
+    first = run_job(cfg)
+    assert first.failed_by_type == {"video_not_found": 4}
+    files = {f: Path(f).read_bytes() for f in result_files(out)}
+
+    # types not named are not retried; the error rows are found with their files
+    assert find_targets(out, parse_types("video_unreadable")).file_of == {}
+    targets = find_targets(out, parse_types(None))
+    assert set(targets.file_of) == {(s, m) for s in ("s1", "s3") for m in MODES}
+    assert set(targets.file_of.values()) <= set(files)
+
+    # a retry run stopped before all of a file's retried rows are back writes nothing for it
+    plan = plan_run(cfg, retry=targets)
+    assert (plan.num_pairs_pending, plan.retry.num_scheduled_total) == (4, 4)
+    table = read_results(out)
+    sink = RetrySink(ResultSink(out, ROWS_PER_FILE, "zstd", 60.0, RunResult("x", out)), targets, "zstd")
+    f = max(targets.scheduled, key=lambda f: len(targets.scheduled[f]))
+    assert len(targets.scheduled[f]) > 1  # (one sample's two modes are written together)
+    key = sorted(targets.scheduled[f])[0]
+    sink.add(table.filter(pa.compute.and_(pa.compute.equal(table.column("sample_id"), key[0]),
+                                          pa.compute.equal(table.column("mode"), key[1]))))
+    sink.close()
+    assert {f: Path(f).read_bytes() for f in result_files(out)} == files
+
+    # the videos arrive; --retry-errors decodes those rows again and rewrites their files in place
+    Path(late[0]).parent.mkdir()
+    for src, dst in zip(counter_videos[2:4], late):
+        Path(dst).write_bytes(Path(src).read_bytes())
+    plan = plan_run(cfg, retry=find_targets(out, parse_types(None)))
+    res = run_job(cfg, plan=plan)
+    assert (res.rows_retried, res.rows_retry_succeeded, res.rows_failed) == (4, 4, 0)
+    assert set(result_files(out)) == set(files)  # same names: each file holds the same keys
+    table = read_results(out)
+    assert_exactly_once(table, ids)
+    assert_good_rows(table.to_pylist())
+    record = run_record(out, res.run_id)
+    assert record["retry_errors"] == {"types": list(parse_types(None)), "rows_scheduled": 4}
+    assert (record["counts"]["rows_retried"], record["counts"]["rows_retry_succeeded"]) == (4, 4)
+    assert plan_run(cfg, retry=find_targets(out, parse_types(None))).num_pairs_pending == 0
+
+
+def test_retry_errors_names_only_known_types():
+    assert parse_types("") == parse_types(None) == TRANSIENT_ERROR_TYPES
+    assert parse_types("video_unreadable, decode_error") == ("video_unreadable", "decode_error")
+    with pytest.raises(ValueError, match="unknown error type"):
+        parse_types("video_missing")
 
 
 # ---------------------------------------------------------------------------------------------

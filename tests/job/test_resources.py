@@ -44,6 +44,19 @@ def test_more_actors_than_fit_and_an_actor_larger_than_any_node():
     assert "no node can hold one model actor" in placement_problem([CPU2], cfg(num_cpus_per_actor=4))
 
 
+def test_an_autoscaling_pool_needs_room_for_its_min_only():
+    # [1, 3] on a node with one GPU: starts with one actor; grows if the cluster does
+    assert placement_problem([GPU_NODE], cfg(num_gpus_per_actor=1, num_actors=[1, 3])) is None
+    msg = placement_problem([GPU_NODE], cfg(num_gpus_per_actor=1, num_actors=[2, 3]))
+    assert "only 1 of the 2 runtime.num_actors=[2, 3] starts with" in msg
+
+
+@pytest.mark.parametrize("bad", [[0, 2], [3, 2], [1, 2, 3], 0])
+def test_an_actor_pool_is_a_count_or_min_max(bad):
+    with pytest.raises(ValueError, match="num_actors"):
+        cfg(num_actors=bad)
+
+
 def test_a_cluster_that_cannot_grow_refuses_and_one_that_can_waits(monkeypatch):
     monkeypatch.setattr(resources, "cluster_nodes", lambda: [CPU2])
     monkeypatch.setattr(resources, "autoscaler_max", lambda: None)

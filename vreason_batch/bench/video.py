@@ -102,7 +102,7 @@ def _seek_ratio(workdir: str, repeats: int, long_minutes: float) -> dict[str, An
     short = write_clip(os.path.join(workdir, "short.mp4"), "mp4", "libx264", 60, 10, 320, 240, options)
     long = write_clip(os.path.join(workdir, "long.mp4"), "mp4", "libx264", 60 * long_minutes, 10, 320, 240, options)
     out: dict[str, Any] = {"long_minutes": long_minutes, "long_bytes": os.path.getsize(long)}
-    for backend in ("decord", "pyav"):
+    for backend in ("decord", "pyav", "auto"):
         t_short, _ = _time_load(short, backend, repeats)
         t_long, info = _time_load(long, backend, repeats)
         out[backend] = {"short_ms": 1000 * t_short, "long_ms": 1000 * t_long, "ratio": t_long / t_short, **info}
@@ -116,7 +116,7 @@ def _print(figures: dict[str, Any]) -> None:
         print(f"  {key:24s} {text}")
     seek = figures["seek"]
     print(f"16 frames from {seek['long_minutes']:g} min over 16 frames from 1 min (same encoding):")
-    for backend in ("decord", "pyav"):
+    for backend in ("decord", "pyav", "auto"):
         row = seek[backend]
         decoded = f", {row['decoded']} frames decoded" if "decoded" in row else ""
         print(f"  {backend:8s} {row['short_ms']:8.1f} ms -> {row['long_ms']:8.1f} ms: {row['ratio']:.2f}x{decoded}")

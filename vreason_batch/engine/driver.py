@@ -17,6 +17,7 @@ import torch
 from vreason_batch.engine.api import DecodeResult, DecodeSettings, EngineStats, Request
 from vreason_batch.engine.last_layer import LastLayer
 from vreason_batch.engine.models import LoadedModel
+from vreason_batch.engine.precision import ieee_float32
 from vreason_batch.engine.prefill import Prefilled, prefill_units
 from vreason_batch.engine.prompting import ModelInputs
 from vreason_batch.engine.state import DecodeState, RowTrace
@@ -43,7 +44,9 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     running batch, each row with its own step counter, policy and controller. Rows that do not fit
     yet wait, prefilled (one cache row per request; the modes' copies are made as rows start), for
     the next free slot: at most one prefill's requests wait at a time. `settings.mode` is not used: each
-    request names its modes. Returns ({(key, mode): result}, stats).
+    request names its modes. Float32 matmuls run at IEEE precision throughout (precision.py), whatever
+    the process's `torch.set_float32_matmul_precision`, which is restored on return. Returns
+    ({(key, mode): result}, stats).
     """
     if slots < 1:
         raise ValueError("slots must be >= 1")
@@ -54,7 +57,7 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     live: DecodeState | None = None
     ready: Prefilled | None = None  # prefilled requests whose rows wait for a slot
     done: list[RowTrace] = []
-    with torch.no_grad():
+    with ieee_float32(), torch.no_grad():
         while True:
             free = slots - (live.size if live is not None else 0)
             while free > 0 and (ready is not None or pending):

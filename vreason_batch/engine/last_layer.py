@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 # Rows of a weight upcast at once on the chunked path: 16M elements (64 MB in fp32) at most.
 _CHUNK_ELEMENTS = 1 << 24
-_cuda_out_dtype: bool | None = None  # whether torch.mm(..., out_dtype=float32) works here
+# whether the fp32-output GEMM exists, decided once per (device, weight dtype) by `_out32_gemm_available`
+_out32_gemm: dict[tuple, bool] = {}
 
 
 def hi_lo_gemm(x: torch.Tensor, w: torch.Tensor, gemm) -> torch.Tensor:
@@ -57,19 +58,38 @@ def _cuda_gemm_out32(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, w, out_dtype=torch.float32)
 
 
-def _mm_out32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
-    """The CUDA fast path of `_matmul32`, or None where it is not available."""
-    global _cuda_out_dtype
-    if x.device.type != "cuda" or _cuda_out_dtype is False:
-        return None
+def out32_gemm_supported(device_type: str, dtype, probe) -> bool:
+    """Whether the fp32-output GEMM serves a weight of `dtype` on `device_type`: CUDA, bf16 or fp16,
+    and `probe()` (one such GEMM on tiny tensors) runs. A TypeError or NotImplementedError from the
+    probe (a torch whose mm has no `out_dtype`, or no kernel for it) is the one "no"; any other error
+    is a real one and raises."""
+    if device_type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
     try:
-        out = hi_lo_gemm(x, w, _cuda_gemm_out32)
-    except (RuntimeError, TypeError) as e:  # an older torch / GPU without the fp32-output GEMM
-        log.warning("fp32-output GEMM unavailable (%s); upcasting weights in chunks instead", e)
-        _cuda_out_dtype = False
+        probe()
+    except (TypeError, NotImplementedError) as e:
+        log.info("fp32-output GEMM not available in torch %s (%s): weights are upcast in chunks", torch.__version__, e)
+        return False
+    return True
+
+
+def _out32_gemm_available(w: torch.Tensor) -> bool:
+    key = (w.device, w.dtype)
+    if key not in _out32_gemm:
+        def probe():
+            tiny = torch.ones((2, 2), dtype=w.dtype, device=w.device)
+            _cuda_gemm_out32(tiny, tiny)
+
+        _out32_gemm[key] = out32_gemm_supported(w.device.type, w.dtype, probe)
+    return _out32_gemm[key]
+
+
+def _mm_out32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """The CUDA fast path of `_matmul32`, or None where the fp32-output GEMM does not exist. An error
+    inside it raises: it never switches the process to the slow path."""
+    if not _out32_gemm_available(w):
         return None
-    _cuda_out_dtype = True
-    return out
+    return hi_lo_gemm(x, w, _cuda_gemm_out32)
 
 
 def _matmul32(x: torch.Tensor, w: torch.Tensor, transpose: bool) -> torch.Tensor:

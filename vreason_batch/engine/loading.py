@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from vreason_batch.config import ModelConfig
+from vreason_batch.engine import placement as placing
 from vreason_batch.engine.models import (
     BUILTIN_SMOLLM2, BUILTIN_TINY, ENDOFTEXT_ID, IM_END_ID, IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID,
     LoadedModel, VisionSpec,
@@ -221,34 +222,39 @@ def _eos_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
-def load_model(cfg: ModelConfig) -> LoadedModel:
-    """Load what `cfg.name_or_path` names. Heavy imports happen here, not at module import."""
+def load_model(cfg: ModelConfig, placement: placing.Placement | None = None) -> LoadedModel:
+    """Load what `cfg.name_or_path` names, straight onto its device(s) (engine/placement.py).
+
+    Heavy imports happen here, not at module import.
+    """
     _require("transformers", "transformers")
     device, dtype = resolve_device_dtype(cfg)
+    placement = placement or placing.Placement()
     name = cfg.name_or_path
 
     if name == BUILTIN_SMOLLM2:
         name = str(smollm2_gguf_path())
     elif name.startswith("builtin:"):
-        return _load_builtin(name, cfg, device, dtype)
+        return _load_builtin(name, cfg, device, dtype, placement)
 
     path: str | Path = name
     if name.startswith("s3://"):
         path = _download_s3_prefix(name, cfg.cache_dir)
 
-    common = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation)
+    common = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
+                  offload_folder=placement.offload_folder)
     if str(path).endswith(".gguf"):
-        model, tokenizer, vision = _load_gguf(Path(path), cfg, common)
+        model, tokenizer, vision = _load_gguf(Path(path), cfg, common, lambda build: placing.device_map(build, dtype, device, placement))
     else:
-        model, tokenizer, vision = _load_checkpoint(path, cfg, common)
+        model, tokenizer, vision = _load_checkpoint(path, cfg, common, lambda build: placing.device_map(build, dtype, device, placement))
     # inference only: no parameter ever needs a gradient (dV's gradient is taken with autograd.grad)
-    model = model.to(device).eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
         name=name,
-        device=device,
+        device=placing.loaded_head_device(model, device),
         dtype=dtype,
         vision=vision,
         eos_token_ids=_eos_ids(model, tokenizer),
@@ -256,12 +262,22 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
     )
 
 
-def _load_builtin(name: str, cfg: ModelConfig, device, dtype) -> LoadedModel:
-    """The built-in tiny Qwen2.5-VL: random weights from `cfg.seed`, the real Qwen tokenizer."""
+def _load_builtin(name: str, cfg: ModelConfig, device, dtype, placement: placing.Placement) -> LoadedModel:
+    """The built-in tiny Qwen2.5-VL: random weights from `cfg.seed`, the real Qwen tokenizer.
+
+    Sharded, it is built on the host and dispatched over the map (random weights exist nowhere
+    else to load from; the model is small).
+    """
     arch = name.split(":", 1)[1]
     if arch != "tiny-qwen2.5-vl":
         raise ValueError(f"unknown built-in model {name!r}; known: {BUILTIN_TINY}, {BUILTIN_SMOLLM2}")
-    model = build_random_model(arch, dtype, device, cfg.seed, cfg.attn_implementation)
+    model = build_random_model(arch, dtype, "cpu" if placement.sharded else device, cfg.seed, cfg.attn_implementation)
+    if placement.sharded:
+        from accelerate import dispatch_model
+
+        dmap = placing.device_map(lambda: type(model)._from_config(model.config, dtype=dtype), dtype, device, placement)
+        model = dispatch_model(model, dmap, offload_dir=placement.offload_folder)
+        device = placing.loaded_head_device(model, device)
     tokenizer = load_tokenizer(cfg.tokenizer or builtin_tokenizer_dir())
     model.generation_config.eos_token_id = [IM_END_ID, ENDOFTEXT_ID]
     model.generation_config.pad_token_id = ENDOFTEXT_ID
@@ -278,21 +294,26 @@ def _load_builtin(name: str, cfg: ModelConfig, device, dtype) -> LoadedModel:
     )
 
 
-def _load_gguf(p: Path, cfg: ModelConfig, common: dict):
-    """(model, tokenizer, vision None) from a .gguf file: a text-only causal LM."""
-    from transformers import AutoModelForCausalLM
+def _load_gguf(p: Path, cfg: ModelConfig, common: dict, place):
+    """(model, tokenizer, vision None) from a .gguf file: a text-only causal LM.
+
+    place(build) -> the device map (placement.device_map with this actor's placement bound).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     _require("gguf", "gguf accelerate")
     if not p.is_file():
         raise FileNotFoundError(f"GGUF file not found: {p}")
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, **common)
+    hf_config = AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+    dmap = place(lambda: AutoModelForCausalLM.from_config(hf_config, dtype=common["dtype"]))
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, device_map=dmap, **common)
     tokenizer = load_tokenizer(cfg.tokenizer or p.parent, gguf_file=None if cfg.tokenizer else p.name)
     return model, tokenizer, None
 
 
-def _load_checkpoint(path: str | Path, cfg: ModelConfig, common: dict):
+def _load_checkpoint(path: str | Path, cfg: ModelConfig, common: dict, place):
     """(model, tokenizer, vision) from a checkpoint directory or hub id: Qwen2-VL / Qwen2.5-VL with
-    their vision tower, anything else as a text-only causal LM."""
+    their vision tower, anything else as a text-only causal LM. place(build) -> the device map."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
@@ -300,10 +321,13 @@ def _load_checkpoint(path: str | Path, cfg: ModelConfig, common: dict):
         from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
         cls = Qwen2_5_VLForConditionalGeneration if hf_config.model_type == "qwen2_5_vl" else Qwen2VLForConditionalGeneration
-        model = cls.from_pretrained(str(path), **common)
+        dmap = place(lambda: cls._from_config(hf_config, dtype=common["dtype"]))
+        model = cls.from_pretrained(str(path), device_map=dmap, **common)
         vision = _vision_spec_from(model)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **common)
+        dmap = place(lambda: AutoModelForCausalLM.from_config(hf_config, dtype=common["dtype"],
+                                                              trust_remote_code=cfg.trust_remote_code))
+        model = AutoModelForCausalLM.from_pretrained(str(path), device_map=dmap, **common)
         vision = None
     tokenizer = load_tokenizer(cfg.tokenizer or path, trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer, vision

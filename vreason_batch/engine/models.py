@@ -98,7 +98,8 @@ class LoadedModel:
         finally:
             layers[-1] = original
         cos, sin = capture.position_embeddings
-        return capture.hidden, cos, sin
+        # on a sharded model the layer before the last may sit on another device than the head's
+        return tuple(t.to(self.device, non_blocking=True) for t in (capture.hidden, cos, sin))
 
     def step_mask(self, pad_mask: torch.Tensor):
         """The new token's attention mask over the cache, [b, 1, 1, S], built once per step by us.

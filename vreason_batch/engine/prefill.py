@@ -26,7 +26,7 @@ from vreason_batch.engine.models import LoadedModel
 from vreason_batch.engine.modes import get_mode
 from vreason_batch.engine.prompting import ModelInputs, collate
 from vreason_batch.engine.sampling import row_seed
-from vreason_batch.engine.state import DecodeState, RowTrace, cache_rows
+from vreason_batch.engine.state import DecodeState, RowTrace, cache_rows, on
 
 
 def prune_video_tokens(cache, pad_mask, video, ratio: float):
@@ -55,7 +55,7 @@ def prune_video_tokens(cache, pad_mask, video, ratio: float):
         new_pad[b, S2 - idx.numel():] = 1
         new_video[b, S2 - idx.numel():] = video[b, idx]
     for layer in cache.layers:
-        g = gather.view(B, 1, S2, 1).expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        g = on(gather, layer.keys).view(B, 1, S2, 1).expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
         layer.keys, layer.values = layer.keys.gather(2, g), layer.values.gather(2, g)
     return new_pad, new_video, new_video.sum(dim=1)
 

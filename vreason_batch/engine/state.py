@@ -66,6 +66,11 @@ def _count_think_tokens(tokenizer, text: str, n_out: int) -> int:
     return n_out if "<think>" in text else 0
 
 
+def on(idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """`idx` on `t`'s device (a sharded model's cache layers live on their layers' devices); no copy when it is there."""
+    return idx if idx.device == t.device else idx.to(t.device, non_blocking=True)
+
+
 def _copy_cache(cache, kv: list[tuple[torch.Tensor, torch.Tensor]]):
     """A cache of the same kind as `cache` holding the given per-layer (keys, values)."""
     new = copy.copy(cache)
@@ -77,7 +82,7 @@ def _copy_cache(cache, kv: list[tuple[torch.Tensor, torch.Tensor]]):
 
 def cache_rows(cache, idx: torch.Tensor):
     """A new cache of the same kind holding rows `idx` [r] of `cache` (which is left as it is)."""
-    return _copy_cache(cache, [(layer.keys[idx], layer.values[idx]) for layer in cache.layers])
+    return _copy_cache(cache, [(layer.keys[on(idx, layer.keys)], layer.values[on(idx, layer.keys)]) for layer in cache.layers])
 
 
 def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
@@ -169,7 +174,7 @@ class DecodeState:
         self.rows = [self.rows[r] for r in keep]
         idx = torch.tensor(keep, dtype=torch.long, device=self.pad_mask.device)
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[idx], layer.values[idx]
+            layer.keys, layer.values = layer.keys[on(idx, layer.keys)], layer.values[on(idx, layer.keys)]
         for name, row, _ in self._tensors():
             setattr(self, name, getattr(self, name).index_select(row, idx))
         self.policy = self.policy.select(idx)

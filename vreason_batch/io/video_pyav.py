@@ -16,7 +16,9 @@ reach the job log; a decode error still raises, and its text goes to the row.
 from __future__ import annotations
 
 import bisect
+import io
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -26,7 +28,8 @@ from vreason_batch.io.clip import (
     VideoClip, VideoError, check_frame_rate, check_source_size, decode_size, make_clip, rotate, sample_indices,
     short_message,
 )
-from vreason_batch.io.remote_video import VideoSource
+from vreason_batch.io import mp4_index
+from vreason_batch.io.remote_video import RemoteVideo, VideoSource
 from vreason_batch.io.video_probe import import_av, open_container, quiet_ffmpeg
 
 # Keyframes tried before a frame (nearest first) before decoding it from the file's start.
@@ -68,6 +71,43 @@ def index_frames(container: Any, stream: Any) -> FrameTable:
         return FrameTable(pts=None, count=packets, announced=announced, packets=packets)
     return FrameTable(pts=sorted(pts), count=len(pts), keyframes=sorted(keys), keyframe_dts=keys,
                       announced=announced, packets=packets)
+
+
+# Packets demuxed to check a frame table read from the file's index against the demuxer's timestamps.
+INDEX_CHECK_PACKETS = 64
+
+
+def _open_source(source: VideoSource):
+    if isinstance(source, RemoteVideo):
+        return source.open()
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
+
+def index_from_moov(av: Any, container: Any, stream: Any, source: VideoSource) -> FrameTable | None:
+    """The frame table of an MP4 / MOV from its sample tables (io/mp4_index.py), read without demuxing
+    the file, or None (another container, a case that path does not handle, or a table that disagrees
+    with the first INDEX_CHECK_PACKETS packets the demuxer reads: timestamps, key flags, first frame)."""
+    if "mov" not in (container.format.name or "").split(","):
+        return None
+    with _open_source(source) as f:
+        moov = mp4_index.read_moov(f)
+    found = mp4_index.frame_table_arrays(moov, int(stream.id)) if moov else None
+    if found is None or stream.time_base is None or stream.time_base != Fraction(1, found["timescale"]):
+        return None
+    keys = found["keyframe_dts"]
+    table = FrameTable(pts=found["pts"], count=found["count"], keyframes=sorted(keys), keyframe_dts=keys,
+                       announced=int(stream.frames or 0), packets=found["count"])
+    listed, seen = set(table.pts), []
+    with open_container(av, source) as check:  # its own container: `container` is demuxed whole if this fails
+        for packet in check.demux(check.streams.video[0]):  # (the stream `stream` is: the first video stream)
+            if packet.size == 0:
+                continue
+            if packet.is_discard or packet.pts not in listed or packet.is_keyframe != (packet.pts in keys):
+                return None
+            seen.append(packet.pts)
+            if len(seen) == min(INDEX_CHECK_PACKETS, table.count):
+                break
+    return table if seen and min(seen) == table.pts[0] else None
 
 
 def frame_rate(stream: Any, table: FrameTable) -> float:
@@ -242,7 +282,7 @@ def _open_table(av: Any, uri: str, source: VideoSource, cfg: VideoConfig) -> tup
             raise VideoError("video_unreadable", f"video {uri}: has no video stream")
         stream = container.streams.video[0]
         check_source_size(uri, int(stream.codec_context.height), int(stream.codec_context.width), cfg)
-        table = index_frames(container, stream)
+        table = index_from_moov(av, container, stream, source) or index_frames(container, stream)
         rate = frame_rate(stream, table)
     if table.count == 0:
         raise VideoError("video_unreadable", f"video {uri}: its video stream has no frames")

@@ -25,6 +25,7 @@ from vreason_batch.job.metrics import metrics_collector_class
 from vreason_batch.job.plan import RunPlan, input_blocks, new_run_id, plan_run
 from vreason_batch.job.resources import WaitingNotice, check_schedulable
 from vreason_batch.job.results import ResultSink, RunResult, write_run_record
+from vreason_batch.job.retry import RetrySink
 from vreason_batch.job.stages import ModelStage, model_batch_rows, model_needs_video, video_stage
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ def samples_per_block(cfg: Config, num_samples: int) -> int:
     actor several, and no block exceeds runtime.max_samples_per_block (unless MAX_INPUT_BLOCKS would).
     """
     rt = cfg.runtime
-    by_balance = -(-num_samples // (BLOCKS_PER_ACTOR * rt.num_actors))
+    by_balance = -(-num_samples // (BLOCKS_PER_ACTOR * rt.actor_pool[1]))
     by_cap = -(-num_samples // MAX_INPUT_BLOCKS)
     return max(1, by_cap, min(rt.max_samples_per_block, by_balance))
 
@@ -92,7 +93,7 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
             },
             batch_size=model_batch_rows(cfg, plan.num_samples_pending, plan.num_videos_pending),
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=rt.num_actors),
+            compute=_actor_pool(rt),
             num_gpus=rt.num_gpus_per_actor or None,
             num_cpus=rt.num_cpus_per_actor,
             max_restarts=rt.max_task_retries,
@@ -101,6 +102,14 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
     finally:
         ctx.target_max_block_size = saved_block_bytes
     return ds
+
+
+def _actor_pool(rt):
+    """Ray Data's actor pool: a fixed size, or one that autoscales between [min, max]."""
+    from ray.data import ActorPoolStrategy
+
+    lo, hi = rt.actor_pool
+    return ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
 
 
 def init_ray(num_cpus: int | None = None) -> None:
@@ -207,6 +216,8 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     # lease.check before every write: a run whose lease was taken over must not write
     sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check,
                       partition_by=out.partition_by)
+    if plan.retry is not None:  # retried rows go back into their own files, not into new ones
+        sink = RetrySink(sink, plan.retry, out.compression)
     progress = _Progress(plan.num_pairs_pending, cfg.runtime.progress_interval_s)
     restarts: list[str] = []
     try:
@@ -226,7 +237,7 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
             log.warning("pipeline failed (%s); restart %d of %d on what is still missing",
                         lost, len(restarts), cfg.runtime.max_pipeline_restarts)
             sink.flush()
-            todo = plan_run(cfg, run_id=plan.run_id)
+            todo = plan_run(cfg, run_id=plan.run_id, retry=plan.retry)
         sink.close()
     except BaseException as e:
         try:

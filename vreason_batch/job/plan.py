@@ -14,10 +14,14 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from vreason_batch.config import Config, ConfigError
 from vreason_batch.io.outputs import RUNS_DIR, list_result_files
 from vreason_batch.io.schema import Sample
+
+if TYPE_CHECKING:
+    from vreason_batch.job.retry import RetryTargets
 
 
 class OutputConflict(ConfigError):
@@ -82,6 +86,7 @@ class RunPlan:
     num_pairs_pending: int = 0
     num_samples_pending: int = 0
     num_videos_pending: int = 0  # distinct videos among the pending samples; a sample without a video counts as one
+    retry: RetryTargets | None = None  # --retry-errors: the error rows scheduled again (job/retry.py)
 
     @property
     def pending(self) -> Iterator[tuple[Sample, list[str]]]:
@@ -149,12 +154,14 @@ def clear_output(uri: str) -> int:
     return removed
 
 
-def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id: str | None = None) -> RunPlan:
+def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id: str | None = None,
+             retry: RetryTargets | None = None) -> RunPlan:
     """Stream the manifest, look at what is already written, and list what is left to do.
 
     Memory: the ids seen (to drop duplicates), the keys already written, and the pending samples
     as Arrow tables (not kept on a dry run), grouped by video once the manifest is read. With `overwrite`, the job's results are deleted first;
     with `dry_run` too, nothing is deleted and the plan shows what an overwriting run would do.
+    With `retry` (job/retry.py), its error rows are not done: they are scheduled, and recorded in it.
     """
     from vreason_batch.io.manifest import ManifestReader
 
@@ -170,6 +177,8 @@ def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id
             f"{chash}). Use --overwrite to replace them, or another output.uri."
         )
     modes = list(cfg.decoding.modes)
+    for sample_id, mode in retry.file_of if retry is not None else ():  # error rows to do again
+        done.by_mode.get(mode, set()).discard(sample_id)
     done_sets = [done.by_mode.get(m, set()) for m in modes]
     tables, chunk = [], _PendingChunk()
     n_done = n_pairs_pending = n_samples_pending = 0
@@ -180,6 +189,8 @@ def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id
             continue
         n_pairs_pending += len(todo)
         n_samples_pending += 1
+        if retry is not None:
+            retry.schedule_pending(s.sample_id, todo)
         if dry_run:
             continue
         chunk.add(s, todo)
@@ -201,6 +212,7 @@ def plan_run(cfg: Config, overwrite: bool = False, dry_run: bool = False, run_id
         num_pairs_pending=n_pairs_pending,
         num_samples_pending=n_samples_pending,
         num_videos_pending=n_videos,
+        retry=retry,
     )
 
 

@@ -23,12 +23,12 @@ class Unschedulable(ConfigError):
 
 
 def stage_needs(cfg: Config) -> tuple[dict[str, float], int, dict[str, float]]:
-    """(one model actor's resources, how many actors, one video task's resources)."""
+    """(one model actor's resources, how many actors the run needs to start, one video task's resources)."""
     rt = cfg.runtime
     actor = {"CPU": float(rt.num_cpus_per_actor)}
     if rt.num_gpus_per_actor:
         actor["GPU"] = float(rt.num_gpus_per_actor)
-    return actor, int(rt.num_actors), {"CPU": 1.0}
+    return actor, rt.actor_pool[0], {"CPU": 1.0}  # an autoscaling pool starts with its min
 
 
 def _fits(free: dict[str, float], need: dict[str, float]) -> bool:
@@ -66,7 +66,9 @@ def placement_problem(nodes: list[dict[str, float]], cfg: Config) -> str | None:
         return (f"no node can hold one model actor ({actor['CPU']:g} CPU, runtime.num_cpus_per_actor"
                 + (f"; {actor['GPU']:g} GPU, runtime.num_gpus_per_actor" if "GPU" in actor else "") + f"): {have}")
     if placed < n_actors:
-        return (f"only {placed} of runtime.num_actors={n_actors} model actors fit ({actor['CPU']:g} CPU"
+        which = (f"runtime.num_actors={n_actors}" if isinstance(rt.num_actors, int)
+                 else f"the {n_actors} runtime.num_actors={rt.num_actors} starts with")
+        return (f"only {placed} of {which} model actors fit ({actor['CPU']:g} CPU"
                 + (f" and {actor['GPU']:g} GPU" if "GPU" in actor else "") + f" each): {have}; lower runtime.num_actors")
     if not any(_fits(f, video) for f in free):
         return (f"the {n_actors} model actor(s) take every CPU ({actor['CPU']:g} each, runtime.num_cpus_per_actor; "

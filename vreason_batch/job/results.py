@@ -43,6 +43,8 @@ class RunResult:
     per_mode: dict[str, dict[str, int]] = field(default_factory=dict)
     failed_by_type: dict[str, int] = field(default_factory=dict)
     wall_s: float = 0.0
+    rows_retried: int = 0  # --retry-errors: error rows decoded again and written back in their files
+    rows_retry_succeeded: int = 0  # of those, rows that are results now (not errors)
 
 
 def shard_key(table) -> str:
@@ -133,12 +135,15 @@ def write_run_record(cfg: Config, plan: RunPlan, status: str, result: RunResult 
             "pairs_scheduled": plan.num_pairs_pending,
             "duplicates_in_output_before_run": plan.duplicates_in_output,
         },
+        "retry_errors": None if plan.retry is None else {"types": list(plan.retry.types),
+                                                         "rows_scheduled": plan.retry.num_scheduled_total},
         "written_at": datetime.now(timezone.utc).isoformat(),
     }
     if result is not None:
         record["counts"].update(
             rows_written=result.rows_written, rows_failed=result.rows_failed, files_written=result.files_written,
             per_mode=result.per_mode, failed_by_type=result.failed_by_type,
+            rows_retried=result.rows_retried, rows_retry_succeeded=result.rows_retry_succeeded,
         )
         record["timings"] = {
             "wall_s": result.wall_s,

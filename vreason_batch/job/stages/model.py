@@ -84,13 +84,16 @@ class ModelStage:
         import torch
 
         from vreason_batch.engine.loading import load_model
+        from vreason_batch.engine.placement import Placement
 
         if metrics_actor is not None:
             _register_with_driver(metrics_actor)
         self.cfg = Config.model_validate_json(cfg_json)
         if self.cfg.model.device != "cuda":
             torch.set_num_threads(max(1, int(self.cfg.runtime.num_cpus_per_actor)))
-        self.lm = load_model(self.cfg.model)
+        rt = self.cfg.runtime
+        self.lm = load_model(self.cfg.model, Placement(num_devices=max(1, int(rt.num_gpus_per_actor)),
+                                                       max_memory=rt.max_memory, offload_folder=rt.offload_folder))
         self.base = dict(schema_version=SCHEMA_VERSION, run_id=run_id, config_hash=config_hash, model=self.cfg.model.name_or_path)
         self.metrics_actor = metrics_actor
         self.actor_id = f"{os.uname().nodename}:{os.getpid()}"
