@@ -56,17 +56,13 @@ class InputConfig(_Strict):
     format: Literal["auto", "jsonl", "json", "parquet", "csv"] = Field(
         "auto", description="manifest format; auto = from the file extension"
     )
-    video_root: str | None = Field(
-        None, description="base for relative video paths; default: the manifest's folder"
-    )
+    video_root: str | None = Field(None, description="base for relative video paths; default: the manifest's folder")
     columns: ColumnMap = Field(default_factory=ColumnMap, description="manifest column names")
     annotate: AnnotateConfig | None = Field(None, description="annotation mode instead of a manifest")
     limit: int | None = Field(None, ge=1, description="only the first N samples (after de-duplication)")
     text_only: bool | None = Field(
-        None,
-        description="rows carry no video (text questions for a text LM); null = true when the model cannot"
-        " take video (a .gguf file, builtin:smollm2-135m-instruct, a local checkpoint without a vision tower)",
-    )
+        None, description="rows carry no video (text questions for a text LM); null = true when the model cannot"
+        " take video (a .gguf file, builtin:smollm2-135m-instruct, a local checkpoint without a vision tower)")
 
     @model_validator(mode="after")
     def _one_source(self) -> "InputConfig":
@@ -256,7 +252,6 @@ class RuntimeConfig(_Strict):
         "every model actor gets several blocks",
     )
 
-
     @field_validator("num_actors")
     @classmethod
     def _actor_pool(cls, v: int | list[int]) -> int | list[int]:
@@ -307,11 +302,8 @@ VL_MODEL_TYPES = ("qwen2_5_vl", "qwen2_vl")  # the checkpoints engine/loading.py
 
 
 def model_takes_video(name_or_path: str) -> bool | None:
-    """Whether the model named can read video: True / False when the name tells, else None.
-
-    A .gguf file loads as a text LM; the built-ins are known; a local checkpoint directory says it
-    in its config.json. A hub id or an s3:// prefix is not looked up here (no network at the edge).
-    """
+    """Whether the model can read video: True / False when the name tells (a .gguf is a text LM, the built-ins are
+    known, a local checkpoint says it in config.json), else None (a hub id or s3:// prefix is not looked up)."""
     name = name_or_path.strip()
     if name.endswith(".gguf") or name == "builtin:smollm2-135m-instruct":
         return False
@@ -338,11 +330,8 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 def expand_env(data: Any, where: str = "") -> Any:
-    """Replace `${NAME}` in every string of a raw config with the environment variable NAME.
-
-    So that a shipped config names its one site-specific value (a data root) once; an unset
-    variable is a ConfigError naming it, never an empty path.
-    """
+    """Replace `${NAME}` in every string of a raw config with the environment variable NAME (a shipped
+    config's one site-specific value, a data root); an unset variable is a ConfigError naming it."""
     if isinstance(data, dict):
         return {k: expand_env(v, f"{where}.{k}" if where else str(k)) for k, v in data.items()}
     if isinstance(data, list):
@@ -356,14 +345,6 @@ def expand_env(data: Any, where: str = "") -> Any:
 
         return _ENV_REF.sub(sub, data)
     return data
-
-
-def _parse_value(raw: str) -> Any:
-    """`--set` values are YAML scalars / lists: `1e-3`, `true`, `[greedy, vreason]`, `null`."""
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -383,15 +364,15 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {p!r} is not a section")
             node = child
-        node[parts[-1]] = _parse_value(raw)
+        try:  # values are YAML scalars / lists: `1e-3`, `true`, `[greedy, vreason]`, `null`
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
     return data
 
 
 def _format_validation(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        lines.append(f"  {loc}: {e['msg']}")
+    lines = (f"  {'.'.join(str(x) for x in e['loc']) or '<root>'}: {e['msg']}" for e in err.errors())
     return "invalid config:\n" + "\n".join(lines)
 
 

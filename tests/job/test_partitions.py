@@ -197,3 +197,33 @@ def test_partitioned_run_reads_back_resumes_and_reports(local_ray, tmp_path):
     assert summary["totals"]["datasets"] == sorted({d for d, _ in planned})
     assert {d: sum(m["n_rows"] for m in modes.values()) for d, modes in summary["datasets"].items()} == Counter(
         d for d, _ in planned.elements())
+
+
+def test_retry_errors_rewrites_each_file_inside_its_partition(tmp_path):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from vreason_batch.job.retry import RetrySink, find_targets, parse_types
+
+    out = str(tmp_path / "out")
+    first = table_of([(f"s{i}", m, DATASETS[i % 2]) for i in range(4) for m in ("greedy", "vreason")])
+    failed = pc.equal(first.column("sample_id"), "s1")  # s1's rows failed, for a reason that went away
+    first = first.set_column(first.schema.get_field_index("error_type"), "error_type",
+                             pc.if_else(failed, pa.scalar("video_not_found"), pa.nulls(first.num_rows, pa.string())))
+    write_partitioned(out, first, "zstd", ["dataset", "mode"])
+    before = sorted(list_result_files(out))
+    targets = find_targets(out, parse_types(None))
+    assert set(targets.file_of) == {("s1", "greedy"), ("s1", "vreason")}
+    for key in targets.file_of:
+        targets.schedule(key)
+    base = ResultSink(out, 2, "zstd", 60.0, RunResult("r2", out), partition_by=["dataset", "mode"])
+    sink = RetrySink(base, targets, "zstd")
+    sink.add(first.filter(failed).set_column(first.schema.get_field_index("error_type"), "error_type",
+                                             pa.nulls(2, pa.string())))  # now results
+    sink.close()
+    assert sorted(list_result_files(out)) == before  # same files, same partition directories
+    assert (sink.result.rows_retried, sink.result.rows_retry_succeeded) == (2, 2)
+    counts = duckdb_counts(str(tmp_path / "out" / "**" / "*.parquet"), "sample_id", "mode")
+    assert set(counts.values()) == {1} and len(counts) == 8
+    t = pads.dataset(out, format="parquet").to_table(columns=["error_type"])
+    assert t.column("error_type").null_count == 8

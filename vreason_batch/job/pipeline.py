@@ -212,12 +212,7 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     # on the driver's node: a node lost mid-run must not take the run's metrics with it
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     metrics = metrics_collector_class().options(scheduling_strategy=here).remote()
-    out = cfg.output
-    # lease.check before every write: a run whose lease was taken over must not write
-    sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check,
-                      partition_by=out.partition_by)
-    if plan.retry is not None:  # retried rows go back into their own files, not into new ones
-        sink = RetrySink(sink, plan.retry, out.compression)
+    sink = _sink(cfg, plan, result, lease)
     progress = _Progress(plan.num_pairs_pending, cfg.runtime.progress_interval_s)
     restarts: list[str] = []
     try:
@@ -252,6 +247,16 @@ def _run(cfg: Config, plan: RunPlan, lease: Lease) -> RunResult:
     actor_metrics = ray.get(metrics.get.remote())
     write_run_record(cfg, plan, "finished", result, {"actor_metrics": actor_metrics, "pipeline_restarts": restarts})
     return result
+
+
+def _sink(cfg: Config, plan: RunPlan, result: RunResult, lease: Lease):
+    """The run's writer; lease.check before every write: a run whose lease was taken over must not write."""
+    out = cfg.output
+    sink = ResultSink(out.uri, out.rows_per_file, out.compression, out.flush_interval_s, result, before_write=lease.check,
+                      partition_by=out.partition_by)
+    if plan.retry is not None:  # retried rows go back into their own files, not into new ones
+        return RetrySink(sink, plan.retry, out.compression)
+    return sink
 
 
 def _place(cfg: Config, plan: RunPlan) -> str | None:
