@@ -10,16 +10,6 @@ from vreason_batch.engine.driver import decode_batch
 from vreason_batch.engine.loading import load_model
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The built-in tiny model saved as a regular HF checkpoint (weights, config, tokenizer)."""
-    d = tmp_path_factory.mktemp("ckpt")
-    lm = tiny_lm()
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
-
-
 def _greedy(lm, n=8):
     return decode_batch(lm, [video_inputs(0)], decode_settings("greedy", n))[0]
 

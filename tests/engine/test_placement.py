@@ -13,15 +13,6 @@ from vreason_batch.engine.placement import Placement, device_map, head_device, h
 OFFLOAD_ALL = {"cpu": "1MB"}  # no room for anything: accelerate offloads every layer it may to disk
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    lm = tiny_lm()
-    lm.model.save_pretrained(d)
-    lm.tokenizer.save_pretrained(d)
-    return d
-
-
 def _shell():
     from transformers import Qwen2_5_VLForConditionalGeneration
 

@@ -72,20 +72,25 @@ def _diagnose(driver: threading.Thread) -> str:
     return "live actors:\n" + "\n".join(actors) + "\nfree resources:\n" + "\n".join(free) + "\ndriver stack:\n" + stack
 
 
+def _text_job(tmp_path, n: int, **runtime):
+    """A job of n text questions on the tiny model, a few tokens each, into tmp_path / "out"."""
+    manifest = tmp_path / "questions.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?"}) + "\n" for i in range(n)))
+    return config_from_dict({
+        "input": {"manifest": str(manifest), "text_only": True},
+        "output": {"uri": str(tmp_path / "out"), "rows_per_file": 2, "flush_interval_s": 1},
+        "model": {"name_or_path": "builtin:tiny-qwen2.5-vl"},
+        "decoding": {"modes": list(MODES), "max_new_tokens": 8, "stop_strings": []},
+        "runtime": {"batch_size": 2, "progress_interval_s": 1.0, **runtime},
+    })
+
+
 def test_worker_node_lost_mid_run_completes_exactly_once(cluster, tmp_path):
     from vreason_batch.job.pipeline import run_job
 
     c, workers = cluster
-    manifest = tmp_path / "questions.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 1?"}) + "\n" for i in range(NUM_SAMPLES)))
     out = tmp_path / "out"
-    cfg = config_from_dict({
-        "input": {"manifest": str(manifest), "text_only": True},
-        "output": {"uri": str(out), "rows_per_file": 2, "flush_interval_s": 1},
-        "model": {"name_or_path": "builtin:tiny-qwen2.5-vl"},
-        "decoding": {"modes": list(MODES), "max_new_tokens": 8, "stop_strings": []},
-        "runtime": {"batch_size": 2, "num_actors": 1, "progress_interval_s": 1.0},
-    })
+    cfg = _text_job(tmp_path, NUM_SAMPLES, num_actors=1)
 
     outcome: dict = {}
 
@@ -150,16 +155,8 @@ def test_an_autoscaling_actor_pool_puts_an_actor_on_a_node_added_mid_run(growing
     # Ray Data's autoscaling coordinator acts every 20 s, and the new actor then starts: the run
     # must last well past that once the node has joined
     n = 96
-    manifest = tmp_path / "questions.jsonl"
-    manifest.write_text("".join(json.dumps({"id": f"q{i}", "question": f"What is {i} + 2?"}) + "\n" for i in range(n)))
     out = tmp_path / "out"
-    cfg = config_from_dict({
-        "input": {"manifest": str(manifest), "text_only": True},
-        "output": {"uri": str(out), "rows_per_file": 2, "flush_interval_s": 1},
-        "model": {"name_or_path": "builtin:tiny-qwen2.5-vl"},
-        "decoding": {"modes": list(MODES), "max_new_tokens": 8, "stop_strings": []},
-        "runtime": {"batch_size": 2, "num_actors": [1, 2], "num_cpus_per_actor": 2, "progress_interval_s": 1.0},
-    })
+    cfg = _text_job(tmp_path, n, num_actors=[1, 2], num_cpus_per_actor=2)
     outcome: dict = {}
     driver = threading.Thread(target=lambda: outcome.update(result=run_job(cfg)), daemon=True)
     driver.start()
