@@ -243,10 +243,13 @@ def load_model(cfg: ModelConfig, placement: placing.Placement | None = None) -> 
 
     common = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, attn_implementation=cfg.attn_implementation,
                   offload_folder=placement.offload_folder)
+    def place(build):  # the device map for this actor's placement
+        return placing.device_map(build, dtype, device, placement)
+
     if str(path).endswith(".gguf"):
-        model, tokenizer, vision = _load_gguf(Path(path), cfg, common, lambda build: placing.device_map(build, dtype, device, placement))
+        model, tokenizer, vision = _load_gguf(Path(path), cfg, common, place)
     else:
-        model, tokenizer, vision = _load_checkpoint(path, cfg, common, lambda build: placing.device_map(build, dtype, device, placement))
+        model, tokenizer, vision = _load_checkpoint(path, cfg, common, place)
     # inference only: no parameter ever needs a gradient (dV's gradient is taken with autograd.grad)
     model = model.eval().requires_grad_(False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

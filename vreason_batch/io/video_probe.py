@@ -77,12 +77,22 @@ def quiet_ffmpeg(av: Any) -> Iterator[None]:
             av.logging.set_level(level)
 
 
-def open_container(av: Any, source: VideoSource) -> Any:
-    """An input container on a local path, an object's bytes or a large S3 object read in ranges
-    (a fresh file object each time)."""
+def open_source(source: VideoSource) -> Any:
+    """A fresh binary file object on a local path, an object's bytes or a large S3 object read in ranges."""
     if isinstance(source, RemoteVideo):
-        return av.open(source.open(), mode="r")
-    return av.open(io.BytesIO(source) if isinstance(source, bytes) else source, mode="r")
+        return source.open()
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+
+
+def is_mov(container: str) -> bool:
+    """Whether an FFmpeg demuxer name is the MP4 / MOV (ISO BMFF) one, "mov,mp4,m4a,3gp,3g2,mj2"."""
+    return "mov" in (container or "").split(",")
+
+
+def open_container(av: Any, source: VideoSource) -> Any:
+    """An input container on a local path (FFmpeg's own file I/O), an object's bytes or a large S3
+    object read in ranges (a fresh file object each time)."""
+    return av.open(open_source(source) if isinstance(source, (bytes, RemoteVideo)) else source, mode="r")
 
 
 def _stream_list(container: Any) -> str:
@@ -127,7 +137,7 @@ def choose_backend(found: Probe, requested: str) -> str:
         return "pyav"
     if min(found.height, found.width) < DECORD_MIN_SIDE:  # decord's RGB copy fails on some
         return "pyav"
-    if "mov" in found.container.split(",") and found.frames > LONG_MP4_FRAMES:  # decord indexes every packet
+    if is_mov(found.container) and found.frames > LONG_MP4_FRAMES:  # decord indexes every packet
         return "pyav"
     return "decord"
 

@@ -16,7 +16,6 @@ reach the job log; a decode error still raises, and its text goes to the row.
 from __future__ import annotations
 
 import bisect
-import io
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Iterator
@@ -29,8 +28,8 @@ from vreason_batch.io.clip import (
     short_message,
 )
 from vreason_batch.io import mp4_index
-from vreason_batch.io.remote_video import RemoteVideo, VideoSource
-from vreason_batch.io.video_probe import import_av, open_container, quiet_ffmpeg
+from vreason_batch.io.remote_video import VideoSource
+from vreason_batch.io.video_probe import import_av, is_mov, open_container, open_source, quiet_ffmpeg
 
 # Keyframes tried before a frame (nearest first) before decoding it from the file's start.
 MAX_SEEK_BACKOFFS = 3
@@ -77,19 +76,13 @@ def index_frames(container: Any, stream: Any) -> FrameTable:
 INDEX_CHECK_PACKETS = 64
 
 
-def _open_source(source: VideoSource):
-    if isinstance(source, RemoteVideo):
-        return source.open()
-    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
-
-
 def index_from_moov(av: Any, container: Any, stream: Any, source: VideoSource) -> FrameTable | None:
     """The frame table of an MP4 / MOV from its sample tables (io/mp4_index.py), read without demuxing
     the file, or None (another container, a case that path does not handle, or a table that disagrees
     with the first INDEX_CHECK_PACKETS packets the demuxer reads: timestamps, key flags, first frame)."""
-    if "mov" not in (container.format.name or "").split(","):
+    if not is_mov(container.format.name):
         return None
-    with _open_source(source) as f:
+    with open_source(source) as f:
         moov = mp4_index.read_moov(f)
     found = mp4_index.frame_table_arrays(moov, int(stream.id)) if moov else None
     if found is None or stream.time_base is None or stream.time_base != Fraction(1, found["timescale"]):

@@ -56,10 +56,6 @@ class RetryTargets:
             if (sample_id, m) in self.file_of:
                 self.schedule((sample_id, m))
 
-    @property
-    def num_scheduled(self) -> int:
-        return sum(len(k) for k in self.scheduled.values())
-
 
 def find_targets(uri: str, types: tuple[str, ...]) -> RetryTargets:
     """The error rows of `types` under `uri`, with their files (three columns read, error rows only)."""
@@ -89,10 +85,10 @@ def find_targets(uri: str, types: tuple[str, ...]) -> RetryTargets:
     return targets
 
 
-def rewrite_file(uri: str, new_rows, compression: str):
+def rewrite_file(uri: str, new_rows, compression: str) -> None:
     """Replace the rows of file `uri` whose (sample_id, mode) are in `new_rows` by those rows, in one write.
 
-    Returns the rows replaced (the old ones). The file keeps its name: it holds the same keys.
+    The file keeps its name (results.write_shard names a file by the keys it holds: the same keys).
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -100,7 +96,7 @@ def rewrite_file(uri: str, new_rows, compression: str):
 
     from vreason_batch.io import storage
     from vreason_batch.io.schema import OUTPUT_COLUMNS, OUTPUT_SCHEMA
-    from vreason_batch.job.results import shard_key
+    from vreason_batch.job.results import shard_key, write_shard
 
     old = storage.retry(lambda: pq.read_table(io.BytesIO(storage.read_bytes(uri))), what=uri)
     new_rows = new_rows.select(list(OUTPUT_COLUMNS)).cast(OUTPUT_SCHEMA)
@@ -109,12 +105,10 @@ def rewrite_file(uri: str, new_rows, compression: str):
     gone = pc.is_in(keys, value_set=pa.array([f"{s}\t{m}" for s, m in replaced]))
     kept = old.filter(pc.invert(gone)).select(list(OUTPUT_COLUMNS)).cast(OUTPUT_SCHEMA)
     table = pa.concat_tables([kept, new_rows])
-    if shard_key(table) != uri.rsplit("/", 1)[-1]:
+    folder, name = uri.rsplit("/", 1)
+    if shard_key(table) != name:
         raise RuntimeError(f"retrying {uri}: the new rows are not the keys the file holds; nothing written")
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=None if compression == "none" else compression)
-    storage.retry(lambda: storage.write_bytes(uri, buf.getvalue()), what=uri)
-    return old.filter(gone)
+    write_shard(folder, table, compression)
 
 
 class RetrySink:
@@ -123,13 +117,14 @@ class RetrySink:
     def __init__(self, base, targets: RetryTargets, compression: str) -> None:
         self.base, self.targets, self.compression = base, targets, compression
         self._waiting: dict[str, list] = defaultdict(list)  # file -> new row tables received
-        self._received: dict[str, set] = defaultdict(set)
+        self._received: dict[str, set] = defaultdict(set)  # file -> retried keys back, not yet written
         self._written: set[tuple[str, str]] = set()  # retried keys already back in their files
+        self._retried_finished = 0  # retried rows received (each key once), written or waiting
         self.result = base.result
 
     @property
     def rows_finished(self) -> int:
-        return self.base.rows_finished + sum(len(k) for k in self._received.values())
+        return self.base.rows_finished + self._retried_finished
 
     def add(self, table) -> None:
         import pyarrow as pa
@@ -145,6 +140,7 @@ class RetrySink:
             if mine[i] and key not in self._written:  # (a restarted pipeline may send a row twice)
                 f = self.targets.file_of[key]
                 self._waiting[f].append(table.slice(i, 1))
+                self._retried_finished += key not in self._received[f]
                 self._received[f].add(key)
                 if self._received[f] >= self.targets.scheduled[f]:
                     self._rewrite(f)
