@@ -160,6 +160,7 @@ def _autoscaling_tick_now() -> None:
     ray.get(coordinator.get_reserved_resources.remote("vreason-batch-test", recompute=True))
 
 
+@pytest.mark.autoscaling
 def test_an_autoscaling_actor_pool_puts_an_actor_on_a_node_added_mid_run(growing_cluster, tmp_path):
     import ray._private.state as state
 
