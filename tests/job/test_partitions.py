@@ -218,8 +218,11 @@ def test_retry_errors_rewrites_each_file_inside_its_partition(tmp_path):
         targets.schedule(key)
     base = ResultSink(out, 2, "zstd", 60.0, RunResult("r2", out), partition_by=["dataset", "mode"])
     sink = RetrySink(base, targets, "zstd")
-    sink.add(first.filter(failed).set_column(first.schema.get_field_index("error_type"), "error_type",
-                                             pa.nulls(2, pa.string())))  # now results
+    retried = first.filter(failed).set_column(first.schema.get_field_index("error_type"), "error_type",
+                                              pa.nulls(2, pa.string()))  # now results
+    sink.add(retried)
+    sink.add(retried)  # a restarted pipeline sends them again: written and counted once
+    assert sink.rows_finished == 2
     sink.close()
     assert sorted(list_result_files(out)) == before  # same files, same partition directories
     assert (sink.result.rows_retried, sink.result.rows_retry_succeeded) == (2, 2)

@@ -119,12 +119,12 @@ class RetrySink:
         self._waiting: dict[str, list] = defaultdict(list)  # file -> new row tables received
         self._received: dict[str, set] = defaultdict(set)  # file -> retried keys back, not yet written
         self._written: set[tuple[str, str]] = set()  # retried keys already back in their files
-        self._retried_finished = 0  # retried rows received (each key once), written or waiting
         self.result = base.result
 
     @property
     def rows_finished(self) -> int:
-        return self.base.rows_finished + self._retried_finished
+        # each retried key once: back in its file, or received and waiting for the file's other keys
+        return self.base.rows_finished + len(self._written) + sum(len(k) for k in self._received.values())
 
     def add(self, table) -> None:
         import pyarrow as pa
@@ -140,7 +140,6 @@ class RetrySink:
             if mine[i] and key not in self._written:  # (a restarted pipeline may send a row twice)
                 f = self.targets.file_of[key]
                 self._waiting[f].append(table.slice(i, 1))
-                self._retried_finished += key not in self._received[f]
                 self._received[f].add(key)
                 if self._received[f] >= self.targets.scheduled[f]:
                     self._rewrite(f)
