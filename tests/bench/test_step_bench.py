@@ -29,10 +29,18 @@ def figures():
 
 def test_json_carries_the_issue_keys(figures):
     assert set(ISSUE_KEYS) <= set(figures)
-    # what sections 2 and 3 build is not faked: null, and named with the reason
+    # what section 2 builds is not faked: null, and named with the reason
     assert figures["not_measured"] == NOT_MEASURED
     assert all(figures[k] is None for k in NOT_MEASURED)
     assert figures["eager_ms_per_step"] > 0
+
+
+def test_an_admission_copies_the_admitted_rows_own_prefill_alone(figures):
+    for slots in (8, 32):
+        copied, own = figures[f"copied_bytes_per_admission_{slots}_slots"], figures[f"admitted_rows_cache_bytes_{slots}_slots"]
+        assert copied == own > 0 and figures[f"batch_cache_bytes_{slots}_slots"] > own * (slots - 1)
+        assert figures[f"cache_moved_{slots}_slots"] is False and figures[f"ms_per_step_{slots}_slots"] > 0
+    assert figures["copied_bytes_per_admission"] == figures["copied_bytes_per_admission_32_slots"]
 
 
 def test_op_counts_are_positive_integers(figures):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from engine_util import decode_settings, tiny_lm, video_inputs
-from vreason_batch.engine.api import Request
+from vreason_batch.engine.api import EngineStats, Request
 from vreason_batch.engine.driver import decode_batch, decode_requests
 from vreason_batch.engine.prefill import prefill
 from vreason_batch.engine.state import DecodeState
@@ -128,7 +128,11 @@ def test_static_chunks_run_below_capacity(lm, samples, early_eos):
     assert static.occupancy == pytest.approx(sum(lengths) / (2 * max(lengths)))
 
 
-def test_retire_trims_padding_no_live_row_needs(lm, samples):
+def storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_retire_frees_the_slot_in_place_and_trims_padding_no_live_row_needs(lm, samples):
     head = LastLayer(lm.last_layer_parts())
     s = settings("vreason")
     with torch.no_grad():
@@ -136,11 +140,18 @@ def test_retire_trims_padding_no_live_row_needs(lm, samples):
     lengths = st.pad_mask.sum(dim=1).tolist()
     assert lengths[0] > lengths[1]
     before = st.ctrl.pos[1][st.ctrl.valid[1]].clone()
+    kept_values = st.cache.layers[-1].values[1, :, -lengths[1]:].clone()
+    buffers = [storage(layer.keys) for layer in st.cache.layers]
     st.retire([0])
-    assert st.pad_mask.shape[1] == lengths[1] and bool(st.pad_mask.all())
-    assert st.cache.layers[0].keys.shape[2] == lengths[1]
+    assert st.rows[0] is None and st.live == 1 and st.free_slots() == [0] and [r.key for r in st.done] == [0]
+    assert st.pad_mask.shape == (2, lengths[1]) and bool(st.pad_mask[1].all()) and not bool(st.pad_mask[0].any())
+    assert not bool(st.controlled[0]) and not bool(st.ctrl.valid[0].any())
+    # nothing was copied: the cache is a narrower view of the same buffers, the live row's values unchanged
+    assert [storage(layer.keys) for layer in st.cache.layers] == buffers
+    assert st.cache.layers[0].keys.shape[:3] == (2, st.cache.layers[0].keys.shape[1], lengths[1])
+    assert torch.equal(st.cache.layers[-1].values[1], kept_values)
     # the controller's positions moved with the cache: still the same video tokens
-    after = st.ctrl.pos[0][st.ctrl.valid[0]]
+    after = st.ctrl.pos[1][st.ctrl.valid[1]]
     assert torch.equal(after, before - (lengths[0] - lengths[1]))
 
 
@@ -165,15 +176,63 @@ def test_every_per_row_field_follows_its_row_through_merge_and_retire(lm, sample
         a = prefill(lm, head, [samples[0], samples[2]], settings("vreason"))
         b = prefill(lm, head, [samples[1]], settings("greedy"))
     m = DecodeState.merge(a, b)
-    m.retire([1])  # samples[2], in the middle: rows 0 and 2 stay, row 2 becomes row 1
-    assert [(r.key, r.mode) for r in m.rows] == [(0, "vreason"), (0, "greedy")]
+    m.retire([1])  # samples[2], in the middle: its slot is freed, rows 0 and 2 stay where they are
+    assert [(r.key, r.mode) if r else None for r in m.rows] == [(0, "vreason"), None, (0, "greedy")]
     assert [r.key for r in m.done] == [1]
-    assert m.controlled.tolist() == [True, False]
-    assert m.next_ids.tolist() == [[samples[0].input_ids[-1]], [samples[1].input_ids[-1]]]
+    assert m.controlled.tolist() == [True, False, False]
+    assert m.next_ids[[0, 2]].tolist() == [[samples[0].input_ids[-1]], [samples[1].input_ids[-1]]]
     assert torch.equal(m.next_pos[..., 0, :], a.next_pos[..., 0, :])
-    assert torch.equal(m.next_pos[..., 1, :], b.next_pos[..., 0, :])
-    assert m.policy.steps.shape == (2,) and m.ctrl.dv.shape[0] == 2 and not bool(m.ctrl.valid[1].any())
+    assert torch.equal(m.next_pos[..., 2, :], b.next_pos[..., 0, :])
+    assert m.policy.steps.shape == (3,) and m.ctrl.dv.shape[0] == 3 and not bool(m.ctrl.valid[1:].any())
     # each row keeps its own tokens; the cache is as long as the longer of the two
     lengths = [int(a.pad_mask[0].sum()), int(b.pad_mask[0].sum())]
-    assert m.pad_mask.shape[1] == max(lengths) and m.pad_mask.sum(dim=1).tolist() == lengths
-    assert m.cache.layers[0].keys.shape[0] == 2 and m.cache.layers[0].keys.shape[2] == max(lengths)
+    assert m.pad_mask.shape[1] == max(lengths) and m.pad_mask.sum(dim=1).tolist() == [lengths[0], 0, lengths[1]]
+    assert m.cache.layers[0].keys.shape[0] == 3 and m.cache.layers[0].keys.shape[2] == max(lengths)
+
+
+def test_a_row_admitted_into_a_free_slot_copies_only_its_own_prefill(lm, samples):
+    head = LastLayer(lm.last_layer_parts())
+    with torch.no_grad():
+        first = prefill(lm, head, [samples[0], samples[1]], settings("vreason"))  # the longer prompts
+        short = prefill(lm, head, [samples[2]], settings("vreason"))
+        long = prefill(lm, head, [samples[1]], settings("greedy"))
+    stats = EngineStats()
+    st = DecodeState.with_slots(first, 4, stats)
+    assert st.size == 4 and st.free_slots() == [2, 3] and stats.copied_cache_bytes == stats.admitted_cache_bytes
+    st.retire([0])
+    S = st.pad_mask.shape[1]
+    others = [layer.values[1].clone() for layer in st.cache.layers]
+    buffers = [storage(layer.keys) for layer in st.cache.layers]
+    before = stats.copied_cache_bytes
+    st.fill([0], short, stats)  # shorter than the live rows: right-aligned into slot 0, nothing else moves
+    assert stats.copied_cache_bytes - before == short.cache_bytes()
+    assert [storage(layer.keys) for layer in st.cache.layers] == buffers
+    assert all(torch.equal(layer.values[1], o) for layer, o in zip(st.cache.layers, others))
+    Sn = short.pad_mask.shape[1]
+    assert torch.equal(st.cache.layers[-1].values[0, :, S - Sn:], short.cache.layers[-1].values[0])
+    assert not bool(st.cache.layers[-1].values[0, :, :S - Sn].any()) and not bool(st.pad_mask[0, :S - Sn].any())
+    assert torch.equal(st.ctrl.pos[0][st.ctrl.valid[0]], short.ctrl.pos[0][short.ctrl.valid[0]] + S - Sn)
+    assert st.rows[0].key == 0 and st.controlled.tolist()[:2] == [True, True]
+    # a row longer than the live cache: every row moves left by the difference, counted
+    st.retire([1])  # the longer prompt leaves: the cache is trimmed to the short row's length
+    assert st.pad_mask.shape[1] == Sn
+    g = long.pad_mask.shape[1] - st.pad_mask.shape[1]
+    assert g > 0
+    before, whole = stats.copied_cache_bytes, st.cache_bytes()
+    st.fill([1], long, stats)
+    assert stats.copied_cache_bytes - before == whole + long.cache_bytes()
+    assert st.pad_mask.shape[1] == long.pad_mask.shape[1] and not bool(st.controlled[1])
+    assert torch.equal(st.cache.layers[-1].values[0, :, -Sn:], short.cache.layers[-1].values[0])  # right-aligned still
+    assert stats.admissions == 3
+
+
+def test_the_last_layer_stands_in_once_per_decode_call_not_per_step(lm, samples, monkeypatch):
+    from vreason_batch.engine import hf_standins
+
+    made, make = [], hf_standins.last_layer_input
+    monkeypatch.setattr(hf_standins, "last_layer_input", lambda: made.append(1) or make())
+    original = lm.text_model().layers[-1]
+    got, stats = decode_requests(lm, [Request(i, x, ("greedy", "vreason")) for i, x in enumerate(samples[:2])], settings(), 2)
+    assert stats.decode_steps >= N and len(made) == 1  # prefills and every step under one stand-in
+    assert lm.text_model().layers[-1] is original and lm.last_layer() is original  # and the layer is back
+    assert got[(0, "greedy")].token_ids == decode_batch(lm, [samples[0]], settings())[0].token_ids

@@ -37,10 +37,10 @@ import torch
 
 from vreason_batch.bench.counters import Tally, counting
 
-NOT_MEASURED = {  # what sections 2 and 3 of issue 22 measure, once built
+NOT_MEASURED = {  # what section 2 of issue 22 measures, once built
     "compiled_ms_per_step": "runtime.compile not built", "compiled_equals_eager": "runtime.compile not built",
-    "copied_bytes_per_admission": "slot cache not built", "admitted_rows_cache_bytes": "slot cache not built",
 }
+SLOT_COUNTS = (8, 32)  # issue 22, section 3: ms per step at 8 and at 32 slots
 GOALS = {"greedy_vs_hf_ops": 1.0, "vreason_vs_hf_ops": 1.1}  # issue 22, section 1
 DEEP_LAYERS = 28  # Qwen2.5-VL-7B
 
@@ -247,10 +247,46 @@ def run_step_bench(args) -> dict[str, Any]:
     if hf:
         figures["greedy_vs_hf_ms"] = round(figures["greedy_ms_per_step"] / figures["hf_ms_per_step"], 3)
         _goals(figures)
+    figures.update(slot_figures(lm, lambda i: _prompt(lm, max(2, args.frames - 2 * (i % 2)), args.max_pixels, i),
+                                runs["greedy"], n))
     not_measured = dict(NOT_MEASURED) | ({} if hf else {"hf_ops_per_step": "--no-hf"})
     figures.update({k: None for k in not_measured}, not_measured=not_measured)
     _print(figures)
     return figures
+
+
+def slot_figures(lm, prompt_of, settings, steps: int, admissions: int = 4) -> dict[str, Any]:
+    """The slot cache (issue 22, section 3): at each of SLOT_COUNTS slots, a full state decodes `steps`
+    steps (ms per step, the loop body), then `admissions` times a row is retired and a freshly
+    prefilled one written into its slot: the cache bytes copied per admission beside the admitted
+    row's own prefill (goal: equal), and whether the live cache's buffers stayed where they were."""
+    from vreason_batch.engine.api import EngineStats
+    from vreason_batch.engine.precision import ieee_float32
+    from vreason_batch.engine.state import DecodeState
+
+    out: dict[str, Any] = {}
+    with ieee_float32(), torch.no_grad():
+        for slots in SLOT_COUNTS:
+            head, first, stops = _prefilled(lm, [prompt_of(i) for i in range(slots)], settings)
+            st = DecodeState.with_slots(first, slots)
+            _loop_body(lm, head, st, settings, stops)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                _loop_body(lm, head, st, settings, stops)
+            out[f"ms_per_step_{slots}_slots"] = round((time.perf_counter() - t0) * 1e3 / steps, 2)
+            stats, buffers = EngineStats(), [layer.keys.untyped_storage().data_ptr() for layer in st.cache.layers]
+            for r in range(admissions):
+                _, new, _ = _prefilled(lm, [prompt_of(slots + r)], settings)
+                st.retire([r])
+                st.fill([r], new, stats)
+            out[f"copied_bytes_per_admission_{slots}_slots"] = stats.copied_cache_bytes // admissions
+            out[f"admitted_rows_cache_bytes_{slots}_slots"] = stats.admitted_cache_bytes // admissions
+            out[f"batch_cache_bytes_{slots}_slots"] = st.cache_bytes()
+            out[f"cache_moved_{slots}_slots"] = buffers != [layer.keys.untyped_storage().data_ptr() for layer in st.cache.layers]
+    # the headline pair, at the larger slot count
+    out["copied_bytes_per_admission"] = out[f"copied_bytes_per_admission_{SLOT_COUNTS[-1]}_slots"]
+    out["admitted_rows_cache_bytes"] = out[f"admitted_rows_cache_bytes_{SLOT_COUNTS[-1]}_slots"]
+    return out
 
 
 def _rounded(v):

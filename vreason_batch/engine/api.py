@@ -89,6 +89,9 @@ class EngineStats:
     queued_busy_slot_steps: int = 0  # the same two, over the steps taken while rows still waited for a slot
     queued_slot_steps: int = 0
     output_tokens: int = 0
+    admissions: int = 0  # packed states written into free slots (DecodeState.fill)
+    admitted_cache_bytes: int = 0  # the admitted rows' own keys and values (their prefill), summed
+    copied_cache_bytes: int = 0  # cache bytes copied to admit them (goal: admitted_cache_bytes)
 
     @property
     def occupancy(self) -> float:

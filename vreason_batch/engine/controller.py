@@ -63,6 +63,10 @@ class PolicyState:
         """a's samples then b's."""
         return PolicyState(*(torch.cat([x, y]) for x, y in zip(a._tensors(), b._tensors())))
 
+    def put(self, idx: torch.Tensor, other: "PolicyState") -> "PolicyState":
+        """This state with rows `idx` [r] replaced by `other`'s r rows."""
+        return PolicyState(*(x.index_copy(0, idx, y) for x, y in zip(self._tensors(), other._tensors())))
+
 
 def policy_step(
     state: PolicyState,
@@ -170,22 +174,27 @@ class ControllerState:
         pos = torch.where(self.valid, self.pos + n, torch.zeros_like(self.pos))
         return dataclasses.replace(self, pos=pos)
 
+    def widen(self, n: int) -> "ControllerState":
+        """The same state padded to `n` controlled slots (padding slots: valid False, dV, delta and moments 0)."""
+        extra = n - self.pos.shape[1]
+        if extra <= 0:
+            return self
+        z = self.dv.new_zeros((self.dv.shape[0], self.dv.shape[1], extra, self.dv.shape[3]))
+        zp = self.pos.new_zeros((self.pos.shape[0], extra))
+        return dataclasses.replace(
+            self, dv=torch.cat([self.dv, z], 2), m=torch.cat([self.m, z], 2), v=torch.cat([self.v, z], 2),
+            pos=torch.cat([self.pos, zp], 1), valid=torch.cat([self.valid, zp.bool()], 1), delta=torch.cat([self.delta, z], 2))
+
     @staticmethod
     def concat(a: "ControllerState", b: "ControllerState") -> "ControllerState":
-        """a's samples then b's, padded to the larger n (padding slots: valid False, dV, delta and moments 0)."""
+        """a's samples then b's, padded to the larger n."""
         n = max(a.pos.shape[1], b.pos.shape[1])
+        return ControllerState(*(torch.cat([x, y]) for x, y in zip(a.widen(n)._tensors(), b.widen(n)._tensors())))
 
-        def pad(s: "ControllerState") -> tuple[torch.Tensor, ...]:
-            extra = n - s.pos.shape[1]
-            if extra == 0:
-                return s._tensors()
-            z = s.dv.new_zeros((s.dv.shape[0], s.dv.shape[1], extra, s.dv.shape[3]))
-            return (torch.cat([s.dv, z], 2), torch.cat([s.m, z], 2), torch.cat([s.v, z], 2),
-                    torch.cat([s.pos, s.pos.new_zeros((s.pos.shape[0], extra))], 1),
-                    torch.cat([s.valid, s.valid.new_zeros((s.valid.shape[0], extra))], 1), s.step, s.updates,
-                    torch.cat([s.delta, z], 2), s.last_alpha)
-
-        return ControllerState(*(torch.cat([x, y]) for x, y in zip(pad(a), pad(b))))
+    def put(self, idx: torch.Tensor, other: "ControllerState") -> "ControllerState":
+        """This state with rows `idx` [r] replaced by `other`'s r rows (both padded to the larger n)."""
+        n = max(self.pos.shape[1], other.pos.shape[1])
+        return ControllerState(*(x.index_copy(0, idx, y) for x, y in zip(self.widen(n)._tensors(), other.widen(n)._tensors())))
 
 
 def controlled_values(values: torch.Tensor, state: ControllerState) -> torch.Tensor:

@@ -57,28 +57,32 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     live: DecodeState | None = None
     ready: Prefilled | None = None  # prefilled requests whose rows wait for a slot
     done: list[RowTrace] = []
-    with ieee_float32(), torch.no_grad():
+    # the last layer stands in once for the whole call: no module is swapped per step (issue 22, section 2)
+    with ieee_float32(), torch.no_grad(), lm.last_layer_stood_in():
         while True:
-            free = slots - (live.size if live is not None else 0)
-            while free > 0 and (ready is not None or pending):
+            free = live.free_slots() if live is not None else list(range(slots))
+            while free and (ready is not None or pending):
                 if ready is None:
-                    ready = _admit(lm, head, pending, free, stats)
-                admit = ready.start_rows(free, head, settings)
+                    ready = _admit(lm, head, pending, len(free), stats)
+                for admit in ready.start_rows(len(free), head, settings, stats):
+                    if live is None:
+                        live = DecodeState.with_slots(admit, slots, stats)
+                    else:
+                        live.fill(free[:admit.size], admit, stats)
+                    free = free[admit.size:]
                 if not ready.todo:
                     ready = None
-                live = admit if live is None else DecodeState.merge(live, admit)
-                free -= admit.size
             if live is None:
                 break
             stats.decode_steps += 1
-            stats.busy_slot_steps += live.size
+            stats.busy_slot_steps += live.live
             stats.slot_steps += slots
             if ready is not None or pending:
-                stats.queued_busy_slot_steps += live.size
+                stats.queued_busy_slot_steps += live.live
                 stats.queued_slot_steps += slots
             step = decode_one_token(lm, head, live, settings)
             live.retire(record_step(live, step, eos, stops, settings.max_new_tokens))
-            if not live.rows:
+            if not live.live:  # every slot free: the next rows start a fresh state, as long as their own cache
                 done.extend(live.done)
                 live = None
     results = {(row.key, row.mode): row.result(lm.tokenizer) for row in done}

@@ -28,6 +28,44 @@ def new_cache(model_config, slab: bool = True):
     return cache
 
 
+def _is_slab(layer) -> bool:
+    return type(layer) is _slab_layer_class()
+
+
+def allocate(layer, rows: int, cols: int, like_k, like_v) -> None:
+    """Give `layer` zeroed keys/values [rows, kv_heads, cols, head_dim] shaped like `like_k` / `like_v`
+    (a SlabLayer: with spare capacity after them). Zeros, not garbage: a masked column still meets a
+    zero probability, and 0 * NaN would be NaN."""
+    spare = SLAB_HEADROOM if _is_slab(layer) else 0
+    k = like_k.new_zeros((rows, like_k.shape[1], cols + spare, like_k.shape[3]))
+    v = like_v.new_zeros((rows, like_v.shape[1], cols + spare, like_v.shape[3]))
+    if _is_slab(layer):
+        layer.dtype, layer.device, layer.is_initialized = k.dtype, k.device, True
+        layer._k, layer._v, layer._n = k, v, cols
+    else:
+        layer.keys, layer.values = k, v
+
+
+def pad_left(layer, g: int) -> int:
+    """`g` zeroed cache columns before every row's (a whole-cache copy); returns the bytes copied."""
+    k, v = layer.keys, layer.values
+    allocate(layer, k.shape[0], g + k.shape[2], k, v)
+    layer.keys[:, :, g:], layer.values[:, :, g:] = k, v
+    return k.numel() * k.element_size() + v.numel() * v.element_size()
+
+
+def drop_left(layer, j: int) -> None:
+    """Drop the first `j` cache columns of every row; nothing is copied (a SlabLayer keeps its spare capacity)."""
+    if _is_slab(layer):
+        layer._k, layer._v, layer._n = layer._k[:, :, j:], layer._v[:, :, j:], layer._n - j
+    else:
+        layer.keys, layer.values = layer.keys[:, :, j:], layer.values[:, :, j:]
+
+
+def is_last_layer_input(module) -> bool:
+    return type(module) is _last_layer_input_class()
+
+
 def last_layer_input():
     """A module that stands in for the last decoder layer: it records its input and the rotary
     (cos, sin) it is given (`.hidden`, `.position_embeddings`) and returns the input unchanged."""

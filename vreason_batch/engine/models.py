@@ -8,6 +8,7 @@ last-layer stand-in this module's methods use. This module imports no transforme
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,8 @@ class LoadedModel:
         return getattr(base, "language_model", base)
 
     def last_layer(self):
-        return self.text_model().layers[-1]
+        layer = self.text_model().layers[-1]
+        return layer.__dict__.get("stands_for", layer)
 
     def final_norm(self):
         return self.text_model().norm
@@ -83,20 +85,32 @@ class LoadedModel:
         """The last decoder layer's pieces, for the float32-precision re-implementation in last_layer.py."""
         return LastLayerParts.of(self)
 
+    @contextlib.contextmanager
+    def last_layer_stood_in(self):
+        """The last decoder layer replaced by a stand-in that records its input and the rotary
+        (cos, sin), for as long as the block runs (yields the stand-in). The driver holds it for a
+        whole decode call, so no module is swapped per step; nested, it is installed once."""
+        layers = self.text_model().layers
+        if hf_standins.is_last_layer_input(layers[-1]):
+            yield layers[-1]
+            return
+        original, capture = layers[-1], hf_standins.last_layer_input()
+        capture.__dict__["stands_for"] = original  # not a submodule: its weights stay the layer's own
+        layers[-1] = capture
+        try:
+            yield capture
+        finally:
+            layers[-1] = original
+
     def forward_to_last_layer(self, inputs: dict, position_ids, cache):
         """Run the model up to the INPUT of its last decoder layer.
 
-        The last layer is swapped for a stand-in that records its input and the rotary (cos, sin),
-        so the layer itself never runs here: last_layer.py computes it (and fills its KV cache
-        entry). Earlier layers fill theirs as usual. Returns (hidden [b, T, D], cos [b, T, d], sin).
+        The last layer stands in (`last_layer_stood_in`) for a module that records its input and the
+        rotary (cos, sin), so the layer itself never runs here: last_layer.py computes it (and fills
+        its KV cache entry). Earlier layers fill theirs as usual. Returns (hidden [b, T, D], cos [b, T, d], sin).
         """
-        layers = self.text_model().layers
-        original, capture = layers[-1], hf_standins.last_layer_input()
-        layers[-1] = capture
-        try:
+        with self.last_layer_stood_in() as capture:
             self.model.model(**inputs, position_ids=position_ids, cache=cache, use_cache=True)
-        finally:
-            layers[-1] = original
         cos, sin = capture.position_embeddings
         # on a sharded model the layer before the last may sit on another device than the head's
         return tuple(t.to(self.device, non_blocking=True) for t in (capture.hidden, cos, sin))

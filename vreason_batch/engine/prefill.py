@@ -26,7 +26,7 @@ from vreason_batch.engine.models import LoadedModel
 from vreason_batch.engine.modes import get_mode
 from vreason_batch.engine.prompting import ModelInputs, collate
 from vreason_batch.engine.sampling import row_seed
-from vreason_batch.engine.state import DecodeState, RowTrace, cache_rows, on
+from vreason_batch.engine.state import DecodeState, RowTrace, cache_bytes, cache_rows, on
 
 
 def prune_video_tokens(cache, pad_mask, video, ratio: float):
@@ -213,9 +213,10 @@ class Prefilled:
         todo = deque((i, get_mode(m)) for i, r in enumerate(reqs) for m in r.modes)
         return cls(reqs, cache, pad_mask, video, next_ids, next_pos, t0, todo)
 
-    def start_rows(self, n: int, head: LastLayer, settings: DecodeSettings) -> DecodeState:
-        """The next `n` (request, mode) pairs as rows: each its own copy of the request's cache (Lite
-        prunes its copy) and, if its mode is controlled, its own controller."""
+    def start_rows(self, n: int, head: LastLayer, settings: DecodeSettings, stats: EngineStats | None = None) -> list[DecodeState]:
+        """The next `n` (request, mode) pairs as packed rows (one state for unpruned rows, one for Lite's):
+        each its own controller if its mode is controlled. Unpruned rows read their request's cache
+        where it is (`cache_index`: the copy into a slot is the only one); Lite prunes its own copy."""
         pairs = [self.todo.popleft() for _ in range(min(n, len(self.todo)))]
         dev = self.pad_mask.device
         states = []
@@ -225,13 +226,13 @@ class Prefilled:
                 continue
             idx = [i for i, _ in group]
             t = torch.tensor(idx, device=dev)
-            if idx == list(range(len(self.reqs))) and not self.todo and len(group) == len(pairs):
-                sub = self.cache  # the last rows, one per request: no copy needed
-            else:
-                sub = cache_rows(self.cache, t)
             pm, vid = self.pad_mask[t], self.video[t]
             kept = vid.sum(dim=1)
+            sub, index = self.cache, (None if idx == list(range(len(self.reqs))) else idx)
             if prune:
+                sub, index = cache_rows(self.cache, t), None
+                if stats is not None:
+                    stats.copied_cache_bytes += cache_bytes(sub)
                 pm, vid, kept = prune_video_tokens(sub, pm, vid, settings.prune_ratio)
             controlled = torch.tensor([m.controlled for _, m in group], device=dev)
             ctrl = None
@@ -244,15 +245,16 @@ class Prefilled:
             seed = torch.tensor([row_seed(settings.sampling.seed, r.key, r.mode) for r in rows], dtype=torch.long, device=dev)
             states.append(DecodeState(rows=rows, cache=sub, pad_mask=pm, next_ids=self.next_ids[t],
                                       next_pos=self.next_pos[..., t, :], policy=PolicyState.new(len(rows), device=dev),
-                                      ctrl=ctrl, controlled=controlled, seed=seed))
-        return states[0] if len(states) == 1 else DecodeState.merge(*states)
+                                      ctrl=ctrl, controlled=controlled, seed=seed, cache_index=index))
+        return states
 
 
 def prefill_rows(lm: LoadedModel, head: LastLayer, units: list[PrefillUnit], settings: DecodeSettings,
                  stats: EngineStats) -> DecodeState:
     """Prefill `units` once and start every (request, mode) row from it."""
     pre = Prefilled.of(lm, head, units, stats)
-    return pre.start_rows(len(pre.todo), head, settings)
+    states = pre.start_rows(len(pre.todo), head, settings)
+    return states[0].packed() if len(states) == 1 else DecodeState.merge(*states)
 
 
 def prefill(lm: LoadedModel, head: LastLayer, batch: list[ModelInputs], settings: DecodeSettings) -> DecodeState:

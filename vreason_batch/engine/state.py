@@ -9,12 +9,14 @@ the only code that index those tensors by row, and they follow the fields' decla
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
 
 from vreason_batch.engine.api import DecodeResult
+from vreason_batch.engine import hf_standins
 from vreason_batch.engine.controller import ControllerState, PolicyState
 
 
@@ -85,6 +87,16 @@ def cache_rows(cache, idx: torch.Tensor):
     return _copy_cache(cache, [(layer.keys[on(idx, layer.keys)], layer.values[on(idx, layer.keys)]) for layer in cache.layers])
 
 
+def cache_bytes(cache, rows: int | None = None) -> int:
+    """Bytes of `rows` rows (default: all) of every layer's keys and values."""
+    total = 0
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        n = k.shape[0] if rows is None else rows
+        total += n * (k[0].numel() * k.element_size() + v[0].numel() * v.element_size())
+    return total
+
+
 def _pad_left(x: torch.Tensor, n: int, dim: int) -> torch.Tensor:
     """x with `n` zeros prepended along `dim`."""
     if n == 0:
@@ -109,16 +121,20 @@ def _batched(row: int = 0, seq: int | None = None):
 
 @dataclass
 class DecodeState:
-    """The live rows: one RowTrace each, and everything batched over them, in the same row order.
+    """The rows being decoded: a RowTrace each (None for a free slot), and everything batched over
+    them, in the same row order.
 
-    Rows come and go while decoding (continuous batching): `merge` joins two states (the shorter
-    cache is left-padded, and controller positions move with it), `retire` is the one place rows
-    leave, `trim_left` drops the padding no live row needs. A new per-row tensor is one `_batched`
-    field: those three follow its axes (the cache, policy and controller have their own select,
-    concat and shift).
+    The driver's state is a fixed set of slots (`with_slots`): every tensor keeps one row per slot
+    from the first step to the last, so no step changes a shape but the cache's length. `retire`
+    frees the slots of finished rows (their state stays in place, masked: nothing is copied), `fill`
+    writes newly started rows into free slots (their own prefill, right-aligned, is the only cache
+    copied), and `trim_left` drops leading columns no live row needs (a view: nothing moves). The
+    states that prefill.py starts are packed (no free slot); `merge` joins two of them. A new per-row
+    tensor is one `_batched` field: these methods follow its axes (the cache, policy and controller
+    have their own).
     """
 
-    rows: list[RowTrace]
+    rows: list[RowTrace | None]
     cache: Any  # transformers DynamicCache; every layer's keys/values [b, kv_heads, S, head_dim]
     pad_mask: torch.Tensor = _batched(seq=1)  # [b, S] 1 where the cache holds a real token (padding is 0)
     next_ids: torch.Tensor = _batched()  # [b, 1] the token each row feeds next: the prompt's last, then its choices
@@ -128,69 +144,156 @@ class DecodeState:
     controlled: torch.Tensor = _batched()  # [b] bool: the row's mode updates dV (greedy rows never do)
     seed: torch.Tensor = _batched()  # [b] int64: the row's sampling key (sampling.row_seed)
     done: list[RowTrace] = field(default_factory=list)
+    cache_index: list[int] | None = None  # rows of `cache` that are this state's rows (None: all, in order)
 
     @property
     def size(self) -> int:
+        """Rows, free slots included."""
         return len(self.rows)
+
+    @property
+    def live(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def free_slots(self) -> list[int]:
+        return [i for i, r in enumerate(self.rows) if r is None]
 
     @classmethod
     def _tensors(cls) -> list[tuple[str, int, int | None]]:
         """(name, row axis, sequence axis) of every `_batched` field."""
         return [(f.name, f.metadata["row"], f.metadata["seq"]) for f in fields(cls) if "row" in f.metadata]
 
+    def own_cache(self):
+        """A cache holding exactly this state's rows (a copy only when it shares its prefill's cache)."""
+        if self.cache_index is None:
+            return self.cache
+        return cache_rows(self.cache, torch.tensor(self.cache_index, device=self.pad_mask.device))
+
+    def cache_bytes(self) -> int:
+        """Bytes of this state's rows' keys and values, over every layer."""
+        return cache_bytes(self.cache, self.size if self.cache_index is None else len(self.cache_index))
+
+    def packed(self) -> "DecodeState":
+        """The same rows with a cache of their own (no `cache_index`)."""
+        return self if self.cache_index is None else dataclasses.replace(self, cache=self.own_cache(), cache_index=None)
+
     @staticmethod
     def merge(a: "DecodeState", b: "DecodeState") -> "DecodeState":
-        """a's rows then b's, in one state. The shorter cache is left-padded (masked), so every
+        """a's rows then b's, in one packed state. The shorter cache is left-padded (masked), so every
         row's tokens keep their keys, values and positions; `done` rows of both are kept."""
         S = max(a.pad_mask.shape[1], b.pad_mask.shape[1])
         pa, pb = S - a.pad_mask.shape[1], S - b.pad_mask.shape[1]
+        ca, cb = a.own_cache(), b.own_cache()
         kv = [(_cat_rows(la.keys, lb.keys, pa, pb, 0, 2), _cat_rows(la.values, lb.values, pa, pb, 0, 2))
-              for la, lb in zip(a.cache.layers, b.cache.layers)]
+              for la, lb in zip(ca.layers, cb.layers)]
         ctrl = None
         if a.ctrl is not None or b.ctrl is not None:
-            ca, cb = (s.ctrl if s.ctrl is not None else _no_control(s) for s in (a, b))
-            ctrl = ControllerState.concat(ca.shift(pa), cb.shift(pb))
+            ctrl = ControllerState.concat(_control(a).shift(pa), _control(b).shift(pb))
         tensors = {name: _cat_rows(getattr(a, name), getattr(b, name), pa, pb, row, seq)
                    for name, row, seq in DecodeState._tensors()}
-        return DecodeState(rows=a.rows + b.rows, cache=_copy_cache(a.cache, kv), **tensors,
+        return DecodeState(rows=a.rows + b.rows, cache=_copy_cache(ca, kv), **tensors,
                            policy=PolicyState.concat(a.policy, b.policy), ctrl=ctrl, done=a.done + b.done)
 
+    @classmethod
+    def with_slots(cls, first: "DecodeState", slots: int, stats=None) -> "DecodeState":
+        """`slots` slots holding `first`'s rows in slots 0.. and the rest free: the cache is allocated here,
+        once, as long as `first`'s (and grows with decoding as a SlabLayer does)."""
+        if first.size > slots:
+            raise ValueError(f"{first.size} rows do not fit {slots} slots")
+        S = first.pad_mask.shape[1]
+        cache = copy.copy(first.cache)
+        cache.layers = [copy.copy(layer) for layer in first.cache.layers]
+        for layer, src in zip(cache.layers, first.cache.layers):
+            hf_standins.allocate(layer, slots, S, src.keys, src.values)
+        tensors = {}
+        for name, row, _ in cls._tensors():
+            t = getattr(first, name)
+            shape = list(t.shape)
+            shape[row] = slots
+            tensors[name] = t.new_zeros(shape)
+        blank = cls(rows=[None] * slots, cache=cache, **tensors, policy=PolicyState.new(slots, device=first.pad_mask.device), ctrl=None)
+        blank.fill(list(range(first.size)), first, stats)
+        return blank
+
+    def fill(self, free: list[int], new: "DecodeState", stats=None) -> None:
+        """Start `new`'s (packed) rows in the free slots `free`, in order: their keys and values are
+        written into those slots, right-aligned with the live rows' (the columns before them zeroed
+        and masked), and every per-row tensor takes their rows. Only when `new`'s cache is longer than
+        this one does the whole cache move (every row padded on the left): counted in `stats`."""
+        assert len(free) == new.size and all(self.rows[r] is None for r in free)
+        S, Sn = self.pad_mask.shape[1], new.pad_mask.shape[1]
+        copied = 0
+        if Sn > S:
+            copied += self._pad_left(Sn - S)
+            S = Sn
+        g = S - Sn
+        dev = self.pad_mask.device
+        idx = torch.tensor(free, dtype=torch.long, device=dev)
+        src_rows = new.cache_index or list(range(new.size))
+        for layer, src in zip(self.cache.layers, new.cache.layers):
+            for t, s_t in ((layer.keys, src.keys), (layer.values, src.values)):
+                if g:
+                    t[:, :, :g].index_fill_(0, on(idx, t), 0)
+                for slot, r in zip(free, src_rows):
+                    t[slot, :, g:].copy_(s_t[r])
+                    copied += s_t[r].numel() * s_t.element_size()
+        for name, row, seq in self._tensors():
+            t = getattr(new, name)
+            setattr(self, name, getattr(self, name).index_copy(row, idx, t if seq is None else _pad_left(t, g, seq)))
+        self.policy = self.policy.put(idx, new.policy)
+        if self.ctrl is not None or new.ctrl is not None:
+            self.ctrl = _control(self).put(idx, _control(new).shift(g))
+        for slot, row in zip(free, new.rows):
+            self.rows[slot] = row
+        self.done.extend(new.done)
+        if stats is not None:
+            stats.admissions += 1
+            stats.admitted_cache_bytes += new.cache_bytes()
+            stats.copied_cache_bytes += copied
+
+    def _pad_left(self, g: int) -> int:
+        """`g` masked columns before every row's; returns the cache bytes copied."""
+        copied = sum(hf_standins.pad_left(layer, g) for layer in self.cache.layers)
+        for name, _, seq in self._tensors():
+            if seq is not None:
+                setattr(self, name, _pad_left(getattr(self, name), g, seq))
+        if self.ctrl is not None:
+            self.ctrl = self.ctrl.shift(g)
+        return copied
+
     def retire(self, finished: list[int]) -> None:
-        """Move rows `finished` (indices into the live rows) to `done` and drop their state everywhere."""
+        """Move rows `finished` (slot indices) to `done` and free their slots. Their state stays where it is,
+        masked: no attention column (but the newest, their own, so their row stays finite), no control."""
         if not finished:
             return
-        gone = set(finished)
         for r in finished:
             row = self.rows[r]
             peak = int(self.policy.peak_step[r])
             row.ema_peak_step = peak if peak >= 0 else None
             row.controller_updates = int(self.ctrl.updates[r]) if self.ctrl is not None else 0
             self.done.append(row)
-        self._select([r for r in range(len(self.rows)) if r not in gone])
+            self.rows[r] = None
+        keep = torch.ones(self.size, dtype=torch.bool)
+        keep[finished] = False
+        keep = keep.to(self.pad_mask.device, non_blocking=True)
+        self.pad_mask = self.pad_mask * keep[:, None]
+        self.controlled = self.controlled & keep
+        if self.ctrl is not None:
+            self.ctrl = dataclasses.replace(self.ctrl, valid=self.ctrl.valid & keep[:, None])
         self.trim_left()
 
-    def _select(self, keep: list[int]) -> None:
-        """Keep rows `keep` (indices into the live rows), in that order, in every per-row field."""
-        self.rows = [self.rows[r] for r in keep]
-        idx = torch.tensor(keep, dtype=torch.long, device=self.pad_mask.device)
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[on(idx, layer.keys)], layer.values[on(idx, layer.keys)]
-        for name, row, _ in self._tensors():
-            setattr(self, name, getattr(self, name).index_select(row, idx))
-        self.policy = self.policy.select(idx)
-        if self.ctrl is not None:
-            self.ctrl = self.ctrl.select(idx)
-
     def trim_left(self) -> None:
-        """Drop the leading cache columns that are padding in every live row (a long row just left)."""
-        if not self.rows:
+        """Drop the leading cache columns that are padding in every live row (a long row just left): views, no copy."""
+        live = [i for i, r in enumerate(self.rows) if r is not None]
+        if not live:
             return
-        used = torch.nonzero(self.pad_mask.any(dim=0))
+        mask = self.pad_mask if len(live) == self.size else self.pad_mask[torch.tensor(live, device=self.pad_mask.device)]
+        used = torch.nonzero(mask.any(dim=0))
         j = int(used[0]) if used.numel() else 0
         if j == 0:
             return
         for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[:, :, j:], layer.values[:, :, j:]
+            hf_standins.drop_left(layer, j)
         for name, _, seq in self._tensors():
             if seq is not None:
                 t = getattr(self, name)
@@ -199,7 +302,9 @@ class DecodeState:
             self.ctrl = self.ctrl.shift(-j)
 
 
-def _no_control(st: DecodeState) -> ControllerState:
-    """An empty controller for a state whose rows are all uncontrolled (n = 0 positions)."""
+def _control(st: DecodeState) -> ControllerState:
+    """`st`'s controller; an empty one (n = 0 positions) when none of its rows is controlled."""
+    if st.ctrl is not None:
+        return st.ctrl
     _, kv, _, d = st.cache.layers[-1].keys.shape  # [b, kv_heads, S, head_dim]
     return ControllerState.new(st.pad_mask.new_zeros((st.size, 1), dtype=torch.bool), kv, d)

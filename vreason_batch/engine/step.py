@@ -85,9 +85,10 @@ def decode_one_token(lm: LoadedModel, head: LastLayer, st: DecodeState, settings
 
 def due_on_host(st: DecodeState, update_every: int) -> list[bool]:
     """The rows whose dV updates this step, from host counters (== `due` in decode_one_token); counts the step."""
-    due = [get_mode(row.mode).controlled and row.tokens_seen % update_every == 0 for row in st.rows]
+    due = [row is not None and get_mode(row.mode).controlled and row.tokens_seen % update_every == 0 for row in st.rows]
     for row in st.rows:
-        row.tokens_seen += 1
+        if row is not None:
+            row.tokens_seen += 1
     return due
 
 
@@ -152,12 +153,14 @@ class StopStrings:
 
 
 def record_step(st: DecodeState, step: Step, eos: set[int], stops: StopStrings, max_new_tokens: int) -> list[int]:
-    """Append the step to each row's trace (one host transfer); return the rows that just finished."""
+    """Append the step to each live row's trace (one host transfer); return the slots of the rows that just finished."""
     vals = torch.stack([step.token.double(), step.entropy.double(), step.entropy_post.double(),
                         st.policy.ema.double(), step.alpha.double()], dim=1).tolist()
     now = time.perf_counter()
     finished = []
     for r, (row, (tok, h, h_post, ema, alpha)) in enumerate(zip(st.rows, vals)):
+        if row is None:  # a free slot
+            continue
         tok = int(tok)
         row.steps.append(TokenRecord(entropy=h, entropy_post=h_post, entropy_ema=ema, alpha=int(alpha)))
         if tok in eos:
