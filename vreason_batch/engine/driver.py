@@ -54,19 +54,21 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     eos, stops = set(lm.eos_token_ids), StopStrings(lm.tokenizer, settings.stop_strings)
     stats = EngineStats()
     pending = deque(prefill_units(requests, lm.vision.video_token_id if lm.vision else None))
+    # the state's rows: never more than the call has rows (a free slot still costs compute every step)
+    capacity = min(slots, sum(u.rows for u in pending))
     live: DecodeState | None = None
     ready: Prefilled | None = None  # prefilled requests whose rows wait for a slot
     done: list[RowTrace] = []
     # the last layer stands in once for the whole call: no module is swapped per step (issue 22, section 2)
     with ieee_float32(), torch.no_grad(), lm.last_layer_stood_in():
         while True:
-            free = live.free_slots() if live is not None else list(range(slots))
+            free = live.free_slots() if live is not None else list(range(capacity))
             while free and (ready is not None or pending):
                 if ready is None:
                     ready = _admit(lm, head, pending, len(free), stats)
                 for admit in ready.start_rows(len(free), head, settings, stats):
                     if live is None:
-                        live = DecodeState.with_slots(admit, slots, stats)
+                        live = DecodeState.with_slots(admit, capacity, stats)
                     else:
                         live.fill(free[:admit.size], admit, stats)
                     free = free[admit.size:]
