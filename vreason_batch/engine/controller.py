@@ -55,9 +55,6 @@ class PolicyState:
     def _tensors(self) -> tuple[torch.Tensor, ...]:
         return self.ema, self.max_ema, self.max_step, self.peak_step, self.steps
 
-    def select(self, idx: torch.Tensor) -> "PolicyState":
-        return PolicyState(*(t[idx] for t in self._tensors()))
-
     @staticmethod
     def concat(a: "PolicyState", b: "PolicyState") -> "PolicyState":
         """a's samples then b's."""

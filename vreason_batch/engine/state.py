@@ -224,7 +224,7 @@ class DecodeState:
         S, Sn = self.pad_mask.shape[1], new.pad_mask.shape[1]
         copied = 0
         if Sn > S:
-            copied += self._pad_left(Sn - S)
+            copied += self._grow_left(Sn - S)
             S = Sn
         g = S - Sn
         dev = self.pad_mask.device
@@ -251,7 +251,7 @@ class DecodeState:
             stats.admitted_cache_bytes += new.cache_bytes()
             stats.copied_cache_bytes += copied
 
-    def _pad_left(self, g: int) -> int:
+    def _grow_left(self, g: int) -> int:
         """`g` masked columns before every row's; returns the cache bytes copied."""
         copied = sum(hf_standins.pad_left(layer, g) for layer in self.cache.layers)
         for name, _, seq in self._tensors():
