@@ -243,10 +243,10 @@ class RuntimeConfig(_Strict):
     max_task_retries: int = Field(2, ge=0, description="Ray retries of a video task / model batch whose worker "
                                   "died (crash, node loss)")
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
-    max_pipeline_restarts: int = Field(
-        3, ge=0, description="times a run rebuilds its pipeline for the rows still missing once Ray's own "
-        "retries are spent on lost workers or nodes",
-    )
+    max_pipeline_restarts: int = Field(3, ge=0, description="times a run rebuilds its pipeline for the rows still "
+                                       "missing once Ray's own retries are spent on lost workers or nodes")
+    compile: bool = Field(False, description="the decode step's last layer and head through torch.compile, once per "
+                          "model actor (about a minute on CPU); the layers before it stay eager")
     max_samples_per_block: int = Field(
         32, ge=1, description="most samples per Ray Data input block (one video task); small runs use fewer so "
         "every model actor gets several blocks",

@@ -236,3 +236,20 @@ def test_the_last_layer_stands_in_once_per_decode_call_not_per_step(lm, samples,
     assert stats.decode_steps >= N and len(made) == 1  # prefills and every step under one stand-in
     assert lm.text_model().layers[-1] is original and lm.last_layer() is original  # and the layer is back
     assert got[(0, "greedy")].token_ids == decode_batch(lm, [samples[0]], settings())[0].token_ids
+
+
+def test_compiled_step_equals_the_eager_one_token_for_token(lm, samples, early_eos):
+    """runtime.compile: the last layer's attention and head as torch.compile graphs (fullgraph, so a
+    graph break fails), in every mode, with rows admitted and retired mid-run (batch and cache length change)."""
+    from torch._dynamo.utils import counters
+
+    reqs = [Request(i, x, MODES) for i, x in enumerate(samples)]
+    eager, _ = with_eos(lm, early_eos, lambda: decode_requests(lm, reqs, settings(), 5))
+    counters.clear()
+    compiled, _ = with_eos(lm, early_eos, lambda: decode_requests(lm, reqs, settings(), 5, compiled=True))
+    assert counters["stats"]["unique_graphs"] >= 2  # the attention and the head did run compiled
+    assert compiled.keys() == eager.keys()
+    for k in eager:
+        assert_same(compiled[k], eager[k])
+    again, _ = decode_requests(lm, reqs[:1], settings(), 2, compiled=True)  # the graphs are kept on the model
+    assert lm.compiled_heads and again[(0, "vreason")].token_ids == decode_batch(lm, samples[:1], settings("vreason"))[0].token_ids

@@ -128,6 +128,23 @@ def test_vreason_with_lr0_is_greedy(lm, prompts, greedy):
         torch.testing.assert_close(v.entropy, g.entropy, atol=1e-5, rtol=0)
 
 
+def test_compiled_step_equals_eager_on_real_weights(lm, prompts, greedy, always_min):
+    from vreason_batch.engine.api import Request
+    from vreason_batch.engine.driver import decode_requests
+
+    reqs = [Request(i, x, ("greedy",)) for i, x in enumerate(prompts)]
+    got, _ = decode_requests(lm, reqs, settings("vreason", lr=LR, update_every=1, rule="always_min"), len(prompts),
+                             compiled=True)
+    for i, g in enumerate(greedy):
+        assert got[(i, "greedy")].token_ids == g.token_ids
+    reqs = [Request(i, x, ("vreason",)) for i, x in enumerate(prompts)]
+    got, _ = decode_requests(lm, reqs, settings("vreason", lr=LR, update_every=1, rule="always_min"), len(prompts),
+                             compiled=True)
+    for i, m in enumerate(always_min):
+        assert got[(i, "vreason")].token_ids == m.token_ids
+        torch.testing.assert_close(got[(i, "vreason")].entropy, m.entropy, atol=1e-4, rtol=0)
+
+
 def test_vreason_lite_without_video_is_vreason(lm, prompts, always_min):
     # Lite prunes video tokens only; on a text prompt there are none, so it must decode exactly as
     # V-Reason with dV on every prompt position, and report that nothing was kept or dropped.

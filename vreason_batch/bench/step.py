@@ -21,7 +21,10 @@ disabled, float32 on CPU unless --dtype says otherwise:
   the model run, scaled by layers, not a measurement of the 7B model.
 - ms: mean ms per step over `--new-tokens` steps after 2 warm-up steps (prefill not timed): ours the
   loop body, HF generate's steps from a clock it calls after every token (a stopping criterion).
-  Median of `--repeats`, the three interleaved (the machine's load hits all alike), one untimed run first.
+  Median of `--repeats`, all interleaved (the machine's load hits all alike), one untimed run first.
+- compiled: the same loop body with runtime.compile's step (the last layer's attention and head as
+  torch.compile graphs; the first untimed run compiles them), its ms per step for greedy and V-Reason,
+  and whether decode_requests makes the same tokens compiled and eager in both modes.
 """
 
 from __future__ import annotations
@@ -37,9 +40,6 @@ import torch
 
 from vreason_batch.bench.counters import Tally, counting
 
-NOT_MEASURED = {  # what section 2 of issue 22 measures, once built
-    "compiled_ms_per_step": "runtime.compile not built", "compiled_equals_eager": "runtime.compile not built",
-}
 SLOT_COUNTS = (8, 32)  # issue 22, section 3: ms per step at 8 and at 32 slots
 GOALS = {"greedy_vs_hf_ops": 1.0, "vreason_vs_hf_ops": 1.1}  # issue 22, section 1
 DEEP_LAYERS = 28  # Qwen2.5-VL-7B
@@ -55,12 +55,12 @@ def _loop_body(lm, head, st, settings, stops, tally: Tally | None = None) -> Non
         st.retire(record_step(st, step, set(lm.eos_token_ids), stops, settings.max_new_tokens))
 
 
-def _prefilled(lm, prompts, settings):
-    from vreason_batch.engine.last_layer import LastLayer
+def _prefilled(lm, prompts, settings, compiled: bool = False):
+    from vreason_batch.engine.driver import last_layer_for
     from vreason_batch.engine.prefill import prefill
     from vreason_batch.engine.step import StopStrings
 
-    head = LastLayer(lm.last_layer_parts())
+    head = last_layer_for(lm, compiled)
     return head, prefill(lm, head, prompts, settings), StopStrings(lm.tokenizer, settings.stop_strings)
 
 
@@ -92,15 +92,16 @@ def count_by_difference(lm, run, n: int) -> Counter:
     return Counter({k: (tally.counts[str(n)][k] - tally.counts["1"][k]) / (n - 1) for k in tally.counts[str(n)]})
 
 
-def our_timer(lm, prompts, settings, steps: int):
-    """() -> the loop body's mean ms per step over `steps` steps, after a prefill and 2 warm-up steps."""
+def our_timer(lm, prompts, settings, steps: int, compiled: bool = False):
+    """() -> the loop body's mean ms per step over `steps` steps, after a prefill and 2 warm-up steps
+    (`compiled`: runtime.compile's step; its graphs are compiled in the first run)."""
     from vreason_batch.engine.precision import ieee_float32
 
     sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
 
     def run() -> float:
         with ieee_float32(), torch.no_grad():
-            head, st, stops = _prefilled(lm, prompts, settings)
+            head, st, stops = _prefilled(lm, prompts, settings, compiled)
             for _ in range(2):
                 _loop_body(lm, head, st, settings, stops)
             sync()
@@ -239,20 +240,34 @@ def run_step_bench(args) -> dict[str, Any]:
         figures.update({f"{name}_{k}": _rounded(v) for k, v in fig.items()})
     figures["greedy_driver_ops_per_step"] = count_by_difference(lm, _driver(lm, prompts, "greedy"), n)["ops"]
     timers = {name: our_timer(lm, prompts, s, n) for name, s in runs.items()}
+    timers |= {f"compiled_{name}": our_timer(lm, prompts, s, n, compiled=True) for name, s in runs.items()}
     if hf:
         timers["hf"] = hf_timer(lm, prompts, n)
     figures.update({f"{name}_ms_per_step": ms for name, ms in interleaved_ms(timers, args.repeats).items()})
-    figures["eager_ms_per_step"] = figures["greedy_ms_per_step"]  # the greedy step, as the compiled one will be
+    figures["eager_ms_per_step"] = figures["greedy_ms_per_step"]  # the greedy step, eager and compiled
+    figures["compiled_ms_per_step"] = figures["compiled_greedy_ms_per_step"]
+    figures["compiled_equals_eager"] = compiled_equals_eager(lm, prompts, runs)
     figures["vreason_vs_greedy_ms"] = round(figures["vreason_ms_per_step"] / figures["greedy_ms_per_step"], 3)
     if hf:
         figures["greedy_vs_hf_ms"] = round(figures["greedy_ms_per_step"] / figures["hf_ms_per_step"], 3)
         _goals(figures)
     figures.update(slot_figures(lm, lambda i: _prompt(lm, max(2, args.frames - 2 * (i % 2)), args.max_pixels, i),
                                 runs["greedy"], n))
-    not_measured = dict(NOT_MEASURED) | ({} if hf else {"hf_ops_per_step": "--no-hf"})
+    not_measured = {} if hf else {"hf_ops_per_step": "--no-hf"}  # JSON keys this run could not measure, and why
     figures.update({k: None for k in not_measured}, not_measured=not_measured)
     _print(figures)
     return figures
+
+
+def compiled_equals_eager(lm, prompts, runs: dict) -> bool:
+    """Whether runtime.compile's step makes every row's tokens the eager step's, in each of `runs`' modes."""
+    from vreason_batch.engine.api import Request
+    from vreason_batch.engine.driver import decode_requests
+
+    def tokens(name, s, compiled):
+        got, _ = decode_requests(lm, [Request(i, p, (name,)) for i, p in enumerate(prompts)], s, len(prompts), compiled)
+        return [got[(i, name)].token_ids for i in range(len(prompts))]
+    return all(tokens(name, s, False) == tokens(name, s, True) for name, s in runs.items())
 
 
 def slot_figures(lm, prompt_of, settings, steps: int, admissions: int = 4) -> dict[str, Any]:
@@ -330,4 +345,8 @@ def _print(f: dict[str, Any]) -> None:
             for e in ("", "_28_layers_est") for n in ("greedy", "vreason")))
         print("  without views: " + ", ".join(f"{n} {f[f'{n}_vs_hf_non_view_ops{e}']}x{' (28-layer est)' if e else ''}"
                                               for e in ("", "_28_layers_est") for n in ("greedy", "vreason")))
-    print("  not measured: " + "; ".join(f"{k} ({why})" for k, why in f["not_measured"].items()))
+    print(f"  runtime.compile: greedy {f['compiled_greedy_ms_per_step']} ms/step (eager {f['greedy_ms_per_step']}), "
+          f"vreason {f['compiled_vreason_ms_per_step']} (eager {f['vreason_ms_per_step']}); same tokens as eager: "
+          f"{f['compiled_equals_eager']}")
+    if f["not_measured"]:
+        print("  not measured: " + "; ".join(f"{k} ({why})" for k, why in f["not_measured"].items()))

@@ -35,8 +35,17 @@ def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, stats: E
     return Prefilled.of(lm, head, units, stats)
 
 
-def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSettings,
-                    slots: int) -> tuple[dict[tuple[Any, str], DecodeResult], EngineStats]:
+def last_layer_for(lm: LoadedModel, compiled: bool) -> LastLayer:
+    """The step's last layer; a compiled one is kept on `lm`, so that its graphs are compiled once per model."""
+    if not compiled:
+        return LastLayer(lm.last_layer_parts())
+    if "head" not in lm.compiled_heads:
+        lm.compiled_heads["head"] = LastLayer(lm.last_layer_parts(), compiled=True)
+    return lm.compiled_heads["head"]
+
+
+def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSettings, slots: int,
+                    compiled: bool = False) -> tuple[dict[tuple[Any, str], DecodeResult], EngineStats]:
     """Decode every (request, mode) with continuous batching over `slots` rows.
 
     When a row finishes, its slot is refilled at once: the next requests are prefilled (one prefill
@@ -46,11 +55,12 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     the next free slot: at most one prefill's requests wait at a time. `settings.mode` is not used: each
     request names its modes. Float32 matmuls run at IEEE precision throughout (precision.py), whatever
     the process's `torch.set_float32_matmul_precision`, which is restored on return. Returns
-    ({(key, mode): result}, stats).
+    ({(key, mode): result}, stats). `compiled` (runtime.compile): the last layer's attention and head, the
+    step's own arithmetic, run through torch.compile (last_layer.py); the layers before it stay eager.
     """
     if slots < 1:
         raise ValueError("slots must be >= 1")
-    head = LastLayer(lm.last_layer_parts())
+    head = last_layer_for(lm, compiled)
     eos, stops = set(lm.eos_token_ids), StopStrings(lm.tokenizer, settings.stop_strings)
     stats = EngineStats()
     pending = deque(prefill_units(requests, lm.vision.video_token_id if lm.vision else None))
@@ -92,9 +102,10 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     return results, stats
 
 
-def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSettings) -> list[DecodeResult]:
+def decode_batch(lm: LoadedModel, batch: list[ModelInputs], settings: DecodeSettings,
+                 compiled: bool = False) -> list[DecodeResult]:
     """Decode `batch` together in `settings.mode`; each sample keeps its own controller state. One
     result per input, in order."""
     mode = settings.mode.name
-    out, _ = decode_requests(lm, [Request(i, x, (mode,)) for i, x in enumerate(batch)], settings, slots=len(batch))
+    out, _ = decode_requests(lm, [Request(i, x, (mode,)) for i, x in enumerate(batch)], settings, len(batch), compiled)
     return [out[(i, mode)] for i in range(len(batch))]

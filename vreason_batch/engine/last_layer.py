@@ -159,8 +159,14 @@ class Attention:
 class LastLayer:
     """The last decoder layer + final norm + lm_head, as described in the module docstring."""
 
-    def __init__(self, parts: LastLayerParts) -> None:
+    def __init__(self, parts: LastLayerParts, compiled: bool = False) -> None:
         self.p = parts
+        # runtime.compile: the two tensor functions of a step through torch.compile, one graph each
+        # (fullgraph: a graph break is an error), dynamic in the batch and the cache length
+        self._scores_fn, self._head_fn = self._scores, self._head
+        if compiled:
+            self._scores_fn = torch.compile(self._scores, dynamic=True, fullgraph=True)
+            self._head_fn = torch.compile(self._head, dynamic=True, fullgraph=True)
 
     def _split(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         b, t, _ = x.shape
@@ -180,7 +186,11 @@ class LastLayer:
 
     def attend(self, hidden: torch.Tensor, q: torch.Tensor, cache_layer, pad_mask: torch.Tensor) -> Attention:
         """q [b, H, 1, d] against the whole cache; pad_mask [b, S] (1 = a real token)."""
-        keys, values = cache_layer.keys, cache_layer.values  # [b, kv, S, d]
+        probs, base = self._scores_fn(q, cache_layer.keys, cache_layer.values, pad_mask)
+        return Attention(hidden_in=hidden[:, -1:], probs=probs, base=base, values=cache_layer.values)
+
+    def _scores(self, q, keys, values, pad_mask):
+        """(P [b, H, 1, S], P @ V [b, H, 1, d]) in fp32; keys, values [b, kv, S, d] as stored."""
         b, H, _, d = q.shape
         kv = keys.shape[1]
         qg = q.float().reshape(b, kv, H // kv, d)  # heads grouped by the kv head they read
@@ -188,16 +198,18 @@ class LastLayer:
         scores = scores.masked_fill(~pad_mask.bool()[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         base = probs @ values.float()  # [b, kv, groups, d]
-        return Attention(hidden_in=hidden[:, -1:], probs=probs.reshape(b, H, 1, -1), base=base.reshape(b, H, 1, d),
-                         values=values)
+        return probs.reshape(b, H, 1, -1), base.reshape(b, H, 1, d)
 
     def logits(self, att: Attention, delta: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 logits [b, V] from the attention output (+ dV's share `delta` [b, H, 1, d], controller.value_delta)."""
+        return self._head_fn(att.hidden_in, att.base if delta is None else att.base + delta)
+
+    def _head(self, hidden_in, out):
+        """o_proj, MLP, final norm and lm_head of the attention output `out` [b, H, 1, d]: fp32 logits [b, V]."""
         p = self.p
-        out = att.base if delta is None else att.base + delta
         b = out.shape[0]
         out = out.transpose(1, 2).reshape(b, 1, p.num_heads * p.head_dim)  # [b, 1, H*d]
-        x = att.hidden_in.float() + linear32(out, p.o_proj)  # residual stream, fp32
+        x = hidden_in.float() + linear32(out, p.o_proj)  # residual stream, fp32
         h = p.post_norm(x)  # HF RMSNorm keeps an fp32 input in fp32
         x = x + linear32(p.act_fn(linear32(h, p.gate_proj)) * linear32(h, p.up_proj), p.down_proj)
         return linear32(p.final_norm(x), p.lm_head)[:, -1, :]

@@ -61,6 +61,7 @@ class LoadedModel:
     eos_token_ids: list[int] = field(default_factory=list)
     pad_token_id: int = ENDOFTEXT_ID
     is_random_init: bool = False  # answers are noise
+    compiled_heads: dict = field(default_factory=dict, repr=False, compare=False)  # driver.py's, kept across calls
 
     @property
     def is_vl(self) -> bool:

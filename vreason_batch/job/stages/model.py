@@ -203,7 +203,7 @@ class ModelStage:
 
         def decode(reqs: list, slots: int) -> dict:
             injected_fault()
-            results, stats = decode_requests(self.lm, reqs, settings, slots)
+            results, stats = decode_requests(self.lm, reqs, settings, slots, compiled=self.cfg.runtime.compile)
             self._count_engine(stats)
             return results
 
