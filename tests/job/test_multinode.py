@@ -132,16 +132,20 @@ def test_worker_node_lost_mid_run_completes_exactly_once(cluster, tmp_path):
 
 
 @pytest.fixture
-def growing_cluster():
-    """A head without CPUs and one worker node with room for one model actor (2 CPUs) and one video task."""
+def growing_cluster(tmp_path):
+    """A head without CPUs and one worker node with room for one model actor (2 CPUs) and one video
+    task; model actors decode only once `c.gate` exists (healing.ENGINE_GATE_ENV)."""
     import ray
     from ray.cluster_utils import Cluster
+
+    from vreason_batch.job.stages.healing import ENGINE_GATE_ENV
 
     assert not ray.is_initialized(), "another module's Ray is still up"
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     c.add_node(num_cpus=3)
     c.wait_for_nodes()
-    ray.init(address=c.address)
+    c.gate = tmp_path / "gate"
+    ray.init(address=c.address, runtime_env={"env_vars": {ENGINE_GATE_ENV: str(c.gate)}})
     yield c
     ray.shutdown()
     c.shutdown()
@@ -166,7 +170,7 @@ def test_an_autoscaling_actor_pool_puts_an_actor_on_a_node_added_mid_run(growing
 
     from vreason_batch.job.pipeline import run_job
 
-    n = 96  # the added actor answered ~25-30 of 128 rows at n = 64 here: margin for a slower CI machine
+    n = 32
     out = tmp_path / "out"
     cfg = _text_job(tmp_path, n, num_actors=[1, 2], num_cpus_per_actor=2)
     outcome: dict = {}
@@ -178,6 +182,15 @@ def test_an_autoscaling_actor_pool_puts_an_actor_on_a_node_added_mid_run(growing
     _autoscaling_tick_now()
     node_of: dict[int, str] = {}  # model actor pid -> its node, while they live
     deadline = time.monotonic() + RUN_AFTER_LOSS_S
+    # the first actor's first call waits at the gate, so the run cannot end before the pool has grown:
+    # the gate opens once an actor is up on the added node (no race with the run's length)
+    while driver.is_alive() and time.monotonic() < deadline and not growing_cluster.gate.exists():
+        node_of.update({a["Pid"]: a["Address"]["NodeID"] for a in state.actors().values()
+                        if "ModelStage" in a["ActorClassName"] and a["State"] == "ALIVE"})
+        if added.node_id in node_of.values():
+            growing_cluster.gate.touch()
+        time.sleep(0.2)
+    assert growing_cluster.gate.exists(), f"no model actor started on the added node: {node_of}\n{_diagnose(driver)}"
     while driver.is_alive() and time.monotonic() < deadline:
         node_of.update({a["Pid"]: a["Address"]["NodeID"] for a in state.actors().values()
                         if "ModelStage" in a["ActorClassName"] and a["State"] == "ALIVE"})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,10 @@ DEVICE_EXIT_CODE = 75
 # pid and gets a device error on every decode call from then on (a poisoned CUDA context; other
 # processes decode normally). Holding "always": every actor does (the run must end, not loop).
 ENGINE_FAULT_ENV = "VREASON_BATCH_ENGINE_FAULT"
+# Tests: the path of a gate file. Model actors' decode calls wait until it exists (at most
+# GATE_MAX_WAIT_S), so that a test can hold the run until the cluster is as it wants.
+ENGINE_GATE_ENV = "VREASON_BATCH_ENGINE_GATE"
+GATE_MAX_WAIT_S = 300.0
 
 _DEVICE_SIGNS = (
     "illegal memory access", "device-side assert", "unspecified launch failure", "cuda error", "cublas_status",
@@ -105,7 +110,12 @@ def exit_for_restart(e: DeviceUnusable) -> None:
 
 
 def injected_fault() -> None:
-    """Tests (ENGINE_FAULT_ENV): raise the device error of a poisoned context where the marker says."""
+    """Tests (ENGINE_FAULT_ENV): raise the device error of a poisoned context where the marker says.
+    (ENGINE_GATE_ENV): first wait for the gate file."""
+    gate = os.environ.get(ENGINE_GATE_ENV)
+    deadline = time.monotonic() + GATE_MAX_WAIT_S
+    while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.1)
     marker = os.environ.get(ENGINE_FAULT_ENV)
     if not marker:
         return
