@@ -221,7 +221,8 @@ def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(mode
     calls, patch_builds = [], []
     real_decode, real_patches = driver.decode_requests, prompting.video_patches
     monkeypatch.setattr(driver, "decode_requests",
-                        lambda lm, reqs, settings, slots: calls.append((reqs, slots)) or real_decode(lm, reqs, settings, slots))
+                        lambda lm, reqs, settings, slots, compiled=False:
+                        calls.append((reqs, slots)) or real_decode(lm, reqs, settings, slots, compiled))
     monkeypatch.setattr(prompting, "video_patches", lambda *a, **k: patch_builds.append(1) or real_patches(*a, **k))
     before = dict(model_stage.stats)
 
@@ -255,12 +256,12 @@ def engine_failing(monkeypatch, fails):
 
     calls, real = [], driver.decode_requests
 
-    def engine(lm, reqs, settings, slots):
+    def engine(lm, reqs, settings, slots, compiled=False):
         calls.append((len(reqs), slots))
         e = fails(reqs, slots)
         if e is not None:
             raise e
-        return real(lm, reqs, settings, slots)
+        return real(lm, reqs, settings, slots, compiled)
 
     monkeypatch.setattr(driver, "decode_requests", engine)
     return calls
