@@ -103,6 +103,10 @@ def _add_bench_parser(sub) -> None:
     b.add_argument("--prompts", type=int, default=None, help="prompts in the precision (default 4) or reasoning "
                    "(default 48) workload")
     b.add_argument("--slots", type=int, default=8, help="reasoning / prefill: decode slots (rows decoded together)")
+    b.add_argument("--calls", type=int, default=4, help="reasoning: actor calls of --prompts prompts each in the "
+                   "actor-lifetime run (1: none)")
+    b.add_argument("--calls-per-actor", type=int, default=2, help="reasoning: calls in flight on one actor in the "
+                   "actor-lifetime run (runtime.calls_per_actor)")
     b.add_argument("--modes", default=None, help="reasoning / prefill: comma-separated modes (default vreason for "
                    "reasoning, greedy,vreason,vreason_lite for prefill)")
     b.add_argument("--videos", type=int, default=3, help="prefill: distinct videos")

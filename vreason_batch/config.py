@@ -223,10 +223,8 @@ class RuntimeConfig(_Strict):
         "the actor decodes their (sample, mode) rows through `decode_slots` slots, so a few times "
         "decode_slots / modes keeps the slots full",
     )
-    decode_slots: int = Field(
-        8, ge=1, description="(sample, mode) rows decoding together in a model actor; a slot is refilled with the "
-        "call's next row as soon as its row finishes",
-    )
+    decode_slots: int = Field(8, ge=1, description="(sample, mode) rows decoding together in a model actor; a slot "
+                              "is refilled with the next row as soon as its row finishes")
     num_actors: int | list[int] = Field(
         1, description="model actors (one model each); [min, max]: an autoscaling pool that starts with min and "
         "grows to max while the cluster has room (a KubeRay GPU group that scales up gets more actors)",
@@ -245,6 +243,8 @@ class RuntimeConfig(_Strict):
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
     max_pipeline_restarts: int = Field(3, ge=0, description="times a run rebuilds its pipeline for the rows still "
                                        "missing once Ray's own retries are spent on lost workers or nodes")
+    calls_per_actor: int = Field(2, ge=1, description="calls (batches) a model actor holds at once on its decode_slots: "
+                                 "the next call's rows fill the slots its last rows free (1: each call drains them)")
     compile: bool = Field(False, description="the decode step's last layer and head through torch.compile, once per "
                           "model actor (about a minute on CPU); the layers before it stay eager")
     max_samples_per_block: int = Field(

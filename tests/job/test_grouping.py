@@ -221,8 +221,8 @@ def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(mode
     calls, patch_builds = [], []
     real_decode, real_patches = driver.decode_requests, prompting.video_patches
     monkeypatch.setattr(driver, "decode_requests",
-                        lambda lm, reqs, settings, slots, compiled=False:
-                        calls.append((reqs, slots)) or real_decode(lm, reqs, settings, slots, compiled))
+                        lambda lm, reqs, settings, slots, compiled=False, **fed:
+                        calls.append((reqs, slots)) or real_decode(lm, reqs, settings, slots, compiled, **fed))
     monkeypatch.setattr(prompting, "video_patches", lambda *a, **k: patch_builds.append(1) or real_patches(*a, **k))
     before = dict(model_stage.stats)
 
@@ -250,18 +250,78 @@ def test_model_stage_one_request_per_sample_and_one_row_per_sample_and_mode(mode
     assert st["prefill_tokens"] > before["prefill_tokens"] and st["vision_encodes"] > before["vision_encodes"]
 
 
+def test_two_calls_at_once_share_one_engine_run_and_answer_as_one_at_a_time(model_stage, two_videos, monkeypatch):
+    """runtime.calls_per_actor (stages/feeding.py): a second call's rows fill the slots the first call's
+    last rows free, in the same engine run; each call's rows equal those it gets alone (float32)."""
+    import threading
+    import time
+
+    import vreason_batch.engine.driver as driver
+
+    a, b = two_videos
+    batches = []
+    for tag, videos in (("A", [a, b, a]), ("B", [b])):  # 6 rows on 4 slots leave 2 free for B's 2
+        rows = run_video_stage(plan_table(videos, modes=("greedy", "vreason")))
+        for row in rows:
+            for smp in row["samples"]:
+                smp["sample_id"] = tag + smp["sample_id"]  # ids are unique in a run
+        batches.append(pa.Table.from_pylist(rows, schema=stages.stage_schema()))
+    steps0 = model_stage.stats["decode_steps"]
+    alone = [model_stage(t).to_pylist() for t in batches]
+    steps_alone = model_stage.stats["decode_steps"] - steps0
+
+    runs, asked, real = [], [], driver.decode_requests
+
+    def engine(lm, reqs, settings, slots, compiled=False, more=None, finished=None):
+        runs.append(len(reqs))
+
+        def more_once_b_waits():  # the first time slots free up, the second call is queued: hold until it is
+            deadline = time.monotonic() + 60
+            while not asked and not model_stage.engine.waiting_calls() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            asked.append(1)
+            return more()
+
+        return real(lm, reqs, settings, slots, compiled, more=more_once_b_waits, finished=finished)
+
+    monkeypatch.setattr(driver, "decode_requests", engine)
+    out = {}
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, model_stage(batches[i]).to_pylist())) for i in (0, 1)]
+    threads[0].start()
+    while not runs:
+        time.sleep(0.01)
+    threads[1].start()
+    for t in threads:
+        t.join(120)
+    assert model_stage.engine.wait_idle(60)  # the run adds its steps once it ends, after its calls returned
+    steps_fed = model_stage.stats["decode_steps"] - steps0 - steps_alone
+
+    assert runs == [3]  # one run: call A's 3 requests, then call B's 1 fed in as A's rows finished
+    key = lambda r: (r["sample_id"], r["mode"])
+    for i in (0, 1):
+        assert len(out[i]) == len(alone[i]) and all(r["error_type"] is None for r in out[i])
+        got, ref = {key(r): r for r in out[i]}, {key(r): r for r in alone[i]}
+        assert got.keys() == ref.keys()
+        for k in ref:
+            for col in ("output_text", "finish_reason", "num_output_tokens", "alpha", "controller_updates"):
+                assert got[k][col] == ref[k][col], (k, col)
+            for col in ("entropy", "entropy_post"):  # prefills batched otherwise: float32 sums in another order
+                assert got[k][col] == pytest.approx(ref[k][col], abs=1e-3), (k, col)
+    assert steps_fed < steps_alone  # no drain between the calls: fewer steps for the same rows
+
+
 def engine_failing(monkeypatch, fails):
     """Make the engine raise `fails(reqs, slots)` (an exception, or None to decode); returns the calls."""
     import vreason_batch.engine.driver as driver
 
     calls, real = [], driver.decode_requests
 
-    def engine(lm, reqs, settings, slots, compiled=False):
+    def engine(lm, reqs, settings, slots, compiled=False, **fed):
         calls.append((len(reqs), slots))
         e = fails(reqs, slots)
         if e is not None:
             raise e
-        return real(lm, reqs, settings, slots, compiled)
+        return real(lm, reqs, settings, slots, compiled, **fed)
 
     monkeypatch.setattr(driver, "decode_requests", engine)
     return calls

@@ -6,7 +6,9 @@ rows, each running until its longest row ends (what the model actor did before),
 batching over the same slots (`decode_requests`). tokens/s = output tokens / wall time, prefills
 included; occupancy = busy slot-steps / all slot-steps (and the same before the drain, the steps
 after the last row was admitted, where slots free up with nothing left to fill them). Both runs decode the same rows, so their
-outputs are compared too (float32: identical).
+outputs are compared too (float32: identical). Then an actor lifetime of `--calls` calls of as many
+prompts each: one call at a time, each draining its slots, against `--calls-per-actor` calls in
+flight on one engine (job/stages/feeding.py, runtime.calls_per_actor): `lifetime_slot_occupancy`.
 
 prefill: annotation work, several questions on each of a few videos, in several modes. Separate:
 one prefill per (sample, mode), as before (every row runs the vision tower and its whole prompt).
@@ -21,12 +23,13 @@ import time
 from typing import Any
 
 
-def _reasoning_requests(lm, n: int, modes: tuple[str, ...]):
+def _reasoning_requests(lm, n: int, modes: tuple[str, ...], first: int = 0):
+    """Requests for rows [first, first + n) of the generated reasoning set."""
     from vreason_batch.engine.api import Request
     from vreason_batch.engine.prompting import build_text_inputs
     from vreason_batch.bench.reasoning_set import make_reasoning_set
 
-    rows = make_reasoning_set(n)
+    rows = make_reasoning_set(first + n)[first:]
     return [Request(r["id"], build_text_inputs(lm.tokenizer, r["question"], r.get("options"), r["problem_type"],
                                                "reasoning"), modes) for r in rows]
 
@@ -78,7 +81,61 @@ def run_reasoning_bench(args) -> dict[str, Any]:
             print(f"  repeat {rep + 1} {name:<10} {st.output_tokens / walls[name][-1]:8.1f} tokens/s  "
                   f"occupancy {st.occupancy:.3f}  steps {st.decode_steps}  wall {walls[name][-1]:.1f} s", flush=True)
     _batching_figures(figures, walls, results, slots)
+    if args.calls > 1:
+        calls = [_reasoning_requests(lm, n_prompts, modes, first=c * n_prompts) for c in range(args.calls)]
+        _lifetime_figures(figures, lm, calls, s, slots, args.calls_per_actor)
     return figures
+
+
+def _lifetime(lm, calls: list[list], s, slots: int, at_once: int):
+    """A model actor's lifetime: `calls` (each a list of requests) through one SharedEngine, `at_once`
+    of them in flight as Ray Data runs them (runtime.calls_per_actor); 1: each call drains its slots
+    before the next starts. -> (results, EngineStats summed over the runs, wall seconds)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vreason_batch.engine.api import EngineStats
+    from vreason_batch.engine.driver import decode_requests
+    from vreason_batch.job.stages.feeding import SharedEngine
+
+    total = EngineStats()
+
+    def run(first, more, finished):
+        _, st = decode_requests(lm, first, s, slots, more=more if at_once > 1 else None, finished=finished)
+        total.add(st)
+
+    def heal(reqs, failed):
+        raise failed or RuntimeError("a decode run failed")  # a bench reports, it does not heal
+
+    engine = SharedEngine(run, heal)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(at_once) as pool:
+        outs = list(pool.map(engine.decode, calls))
+    engine.wait_idle()
+    wall = time.perf_counter() - t
+    return {k: v for out in outs for k, v in out.items()}, total, wall
+
+
+def _lifetime_figures(figures: dict[str, Any], lm, calls: list[list], s, slots: int, at_once: int) -> None:
+    """Slot occupancy over an actor lifetime of several calls: fed (`at_once` calls in flight) vs drained."""
+    print(f"  actor lifetime: {len(calls)} calls of {len(calls[0])} prompts, {at_once} calls in flight "
+          f"(runtime.calls_per_actor) vs one at a time", flush=True)
+    runs = {}
+    for name, n in (("drained", 1), ("fed", at_once)):
+        out, st, wall = _lifetime(lm, calls, s, slots, n)
+        runs[name] = out
+        figures[f"lifetime_{name}_slot_occupancy"] = round(st.occupancy, 4)
+        figures[f"lifetime_{name}_decode_steps"] = st.decode_steps
+        figures[f"lifetime_{name}_tokens_per_s"] = round(st.output_tokens / wall, 2)
+        print(f"  lifetime {name:<8} occupancy {st.occupancy:.3f}  steps {st.decode_steps}  "
+              f"{st.output_tokens / wall:8.1f} tokens/s  wall {wall:.1f} s", flush=True)
+    figures["lifetime_calls"], figures["lifetime_prompts_per_call"] = len(calls), len(calls[0])
+    figures["lifetime_calls_in_flight"] = at_once
+    figures["lifetime_slot_occupancy"] = figures["lifetime_fed_slot_occupancy"]
+    d, f = runs["drained"], runs["fed"]
+    figures["lifetime_identical_outputs"] = sum(d[k].token_ids == f[k].token_ids for k in d)
+    figures["lifetime_rows"] = len(d)
+    print(f"  lifetime_slot_occupancy {figures['lifetime_slot_occupancy']} (drained: "
+          f"{figures['lifetime_drained_slot_occupancy']}); {figures['lifetime_identical_outputs']}/{len(d)} outputs identical")
 
 
 def _batching_figures(figures: dict[str, Any], walls: dict[str, list[float]], results: dict, slots: int) -> None:

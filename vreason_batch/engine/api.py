@@ -102,6 +102,15 @@ class EngineStats:
         """Occupancy before the drain: once nothing waits, the last rows run out with slots free."""
         return self.queued_busy_slot_steps / self.queued_slot_steps if self.queued_slot_steps else 0.0
 
+    def count_step(self, live: int, slots: int, queued: bool) -> None:
+        """One decode step of `live` busy rows on `slots` slots; `queued`: rows waited for a slot."""
+        self.decode_steps += 1
+        self.busy_slot_steps += live
+        self.slot_steps += slots
+        if queued:
+            self.queued_busy_slot_steps += live
+            self.queued_slot_steps += slots
+
     def add(self, other: "EngineStats") -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))

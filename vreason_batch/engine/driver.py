@@ -10,7 +10,7 @@ continuous batching (`decode_batch` is its one-batch case).
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -20,7 +20,7 @@ from vreason_batch.engine.models import LoadedModel
 from vreason_batch.engine.precision import ieee_float32
 from vreason_batch.engine.prefill import Prefilled, prefill_units
 from vreason_batch.engine.prompting import ModelInputs
-from vreason_batch.engine.state import DecodeState, RowTrace
+from vreason_batch.engine.state import DecodeState
 from vreason_batch.engine.step import StopStrings, decode_one_token, record_step
 
 
@@ -35,6 +35,15 @@ def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, stats: E
     return Prefilled.of(lm, head, units, stats)
 
 
+def _deliver(lm: LoadedModel, rows: list, results: dict, finished: Callable[[dict], None] | None) -> None:
+    """The results of rows that just finished, into `results` and to `finished`."""
+    if rows:
+        now = {(row.key, row.mode): row.result(lm.tokenizer) for row in rows}
+        results.update(now)
+        if finished is not None:
+            finished(now)
+
+
 def last_layer_for(lm: LoadedModel, compiled: bool) -> LastLayer:
     """The step's last layer; a compiled one is kept on `lm`, so that its graphs are compiled once per model."""
     if not compiled:
@@ -45,7 +54,9 @@ def last_layer_for(lm: LoadedModel, compiled: bool) -> LastLayer:
 
 
 def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSettings, slots: int,
-                    compiled: bool = False) -> tuple[dict[tuple[Any, str], DecodeResult], EngineStats]:
+                    compiled: bool = False, more: Callable[[], list[Request]] | None = None,
+                    finished: Callable[[dict[tuple[Any, str], DecodeResult]], None] | None = None,
+                    ) -> tuple[dict[tuple[Any, str], DecodeResult], EngineStats]:
     """Decode every (request, mode) with continuous batching over `slots` rows.
 
     When a row finishes, its slot is refilled at once: the next requests are prefilled (one prefill
@@ -57,6 +68,10 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     the process's `torch.set_float32_matmul_precision`, which is restored on return. Returns
     ({(key, mode): result}, stats). `compiled` (runtime.compile): the last layer's attention and head, the
     step's own arithmetic, run through torch.compile (last_layer.py); the layers before it stay eager.
+
+    A run fed while it decodes (feeding.py): `more()` is asked for further requests whenever slots are free
+    and nothing waits (the run ends when it has none and every row is done), and `finished` gets each
+    step's finished rows' results as they finish; the state then has all `slots` rows.
     """
     if slots < 1:
         raise ValueError("slots must be >= 1")
@@ -65,14 +80,16 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     stats = EngineStats()
     pending = deque(prefill_units(requests, lm.vision.video_token_id if lm.vision else None))
     # the state's rows: never more than the call has rows (a free slot still costs compute every step)
-    capacity = min(slots, sum(u.rows for u in pending))
+    capacity = slots if more is not None else min(slots, sum(u.rows for u in pending))
     live: DecodeState | None = None
     ready: Prefilled | None = None  # prefilled requests whose rows wait for a slot
-    done: list[RowTrace] = []
+    results: dict[tuple[Any, str], DecodeResult] = {}
     # the last layer stands in once for the whole call: no module is swapped per step (issue 22, section 2)
     with ieee_float32(), torch.no_grad(), lm.last_layer_stood_in():
         while True:
             free = live.free_slots() if live is not None else list(range(capacity))
+            if more is not None and free and ready is None and not pending:
+                pending.extend(prefill_units(more(), lm.vision.video_token_id if lm.vision else None))
             while free and (ready is not None or pending):
                 if ready is None:
                     ready = _admit(lm, head, pending, len(free), stats)
@@ -86,18 +103,13 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
                     ready = None
             if live is None:
                 break
-            stats.decode_steps += 1
-            stats.busy_slot_steps += live.live
-            stats.slot_steps += slots
-            if ready is not None or pending:
-                stats.queued_busy_slot_steps += live.live
-                stats.queued_slot_steps += slots
+            stats.count_step(live.live, slots, queued=ready is not None or bool(pending))
             step = decode_one_token(lm, head, live, settings)
+            before = len(live.done)
             live.retire(record_step(live, step, eos, stops, settings.max_new_tokens))
+            _deliver(lm, live.done[before:], results, finished)
             if not live.live:  # every slot free: the next rows start a fresh state, as long as their own cache
-                done.extend(live.done)
                 live = None
-    results = {(row.key, row.mode): row.result(lm.tokenizer) for row in done}
     stats.output_tokens = sum(r.num_output_tokens for r in results.values())
     return results, stats
 

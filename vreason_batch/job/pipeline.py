@@ -105,11 +105,14 @@ def build_dataset(cfg: Config, plan: RunPlan, metrics_actor: Any = None):
 
 
 def _actor_pool(rt):
-    """Ray Data's actor pool: a fixed size, or one that autoscales between [min, max]."""
+    """Ray Data's actor pool: a fixed size, or one that autoscales between [min, max]; each actor runs
+    runtime.calls_per_actor calls at once, in threads, fed to its one engine (stages/feeding.py)."""
     from ray.data import ActorPoolStrategy
 
     lo, hi = rt.actor_pool
-    return ActorPoolStrategy(size=lo) if lo == hi else ActorPoolStrategy(min_size=lo, max_size=hi)
+    size = {"size": lo} if lo == hi else {"min_size": lo, "max_size": hi}
+    n = rt.calls_per_actor
+    return ActorPoolStrategy(**size, max_concurrent_calls_per_actor=n, enable_true_multi_threading=n > 1)
 
 
 def init_ray(num_cpus: int | None = None) -> None:

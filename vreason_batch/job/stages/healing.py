@@ -60,7 +60,7 @@ def free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _describe(e: BaseException) -> str:
+def describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
@@ -70,20 +70,23 @@ def _attempt(decode: Callable, requests: list, slots: int) -> tuple[dict | None,
         return decode(requests, slots), None
     except Exception as e:  # noqa: BLE001 - classified below
         if classify(e) == "device":
-            raise DeviceUnusable(_describe(e)) from e
+            raise DeviceUnusable(describe(e)) from e
         free_accelerator_memory()
         return None, e
 
 
-def decode_healing(decode: Callable[[list, int], dict], requests: list, slots: int) -> dict[tuple[Any, str], Any]:
+def decode_healing(decode: Callable[[list, int], dict], requests: list, slots: int,
+                   failed: BaseException | None = None) -> dict[tuple[Any, str], Any]:
     """`decode(requests, slots)` -> {(key, mode): result}, healed as the module says.
 
-    A failed (key, mode) maps to (error_type, error text). Raises DeviceUnusable.
+    A failed (key, mode) maps to (error_type, error text). Raises DeviceUnusable. `failed`: what the
+    first attempt (these requests on `slots` slots, made elsewhere: feeding.py) raised, not a device error.
     """
-    out, err = _attempt(decode, requests, slots)
+    out, err = (None, failed) if failed is not None else _attempt(decode, requests, slots)
     if out is not None:
         return out
-    log.warning("decoding %d samples on %d slots failed (%s)", len(requests), slots, _describe(err))
+    free_accelerator_memory()
+    log.warning("decoding %d samples on %d slots failed (%s)", len(requests), slots, describe(err))
     while classify(err) == "oom" and slots > 1 and len(requests) > 1:
         slots = max(1, slots // 2)
         out, err = _attempt(decode, requests, slots)
@@ -97,7 +100,7 @@ def decode_healing(decode: Callable[[list, int], dict], requests: list, slots: i
             out.update(got)
             continue
         kind = "out_of_memory" if classify(e) == "oom" else "decode_error"
-        text = _describe(e) + (" (alone, on one slot)" if kind == "out_of_memory" else "")
+        text = describe(e) + (" (alone, on one slot)" if kind == "out_of_memory" else "")
         out.update({(r.key, m): (kind, text) for m in r.modes})
     return out
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 from vreason_batch.config import Config
 from vreason_batch.job.metrics import ActorMetrics
+from vreason_batch.job.stages.feeding import SharedEngine
 from vreason_batch.job.stages.healing import DeviceUnusable, decode_healing, exit_for_restart, injected_fault
 from vreason_batch.io.schema import SCHEMA_VERSION, empty_row, rows_to_table
 
@@ -103,15 +105,30 @@ class ModelStage:
         self.t_start = time.perf_counter()
         self.t_last_end: float | None = None
         self.t_last_log = time.perf_counter()
+        # runtime.calls_per_actor calls run at once, each in its thread: one engine thread decodes them all
+        # on the actor's slots (feeding.py); the stats and metrics are shared, under this lock
+        self.engine = SharedEngine(self._run_fed, self._heal)
+        self.lock = threading.RLock()
+        self.calls_in_flight = 0
 
     # -- one batch ------------------------------------------------------------------------
     def __call__(self, batch):
+        t_in = time.perf_counter()
+        with self.lock:
+            if self.t_last_end is not None and not self.calls_in_flight:
+                self.stats["wait_s"] += t_in - self.t_last_end  # idle: waiting for frames upstream
+                self.metrics.record_frame_wait(t_in - self.t_last_end)
+            self.calls_in_flight += 1
+        try:
+            return self._call(batch)
+        finally:
+            with self.lock:
+                self.calls_in_flight -= 1
+                self.t_last_end = time.perf_counter()
+
+    def _call(self, batch):
         from vreason_batch.engine.api import Request
 
-        t_in = time.perf_counter()
-        if self.t_last_end is not None:
-            self.stats["wait_s"] += t_in - self.t_last_end  # idle: waiting for frames upstream
-            self.metrics.record_frame_wait(t_in - self.t_last_end)
         _maybe_inject_fault()
         rows = batch.to_pylist() if hasattr(batch, "to_pylist") else _columns_to_rows(batch)
         out: list[dict | None] = []  # one per (sample, mode), samples in batch order
@@ -119,8 +136,9 @@ class ModelStage:
         prepared: dict[str, tuple[dict, Any]] = {}  # by request key, the sample id: (sample, model inputs)
         requests: list[Request] = []
         videos: dict[str, Any] = {}  # video -> its patches (or the error building them), once per call
+        with self.lock:
+            self.stats["video_decodes"] += sum(row.get("video_decodes") or 0 for row in rows)
         for row in rows:
-            self.stats["video_decodes"] += row.get("video_decodes") or 0
             for s in row["samples"]:
                 sample, modes = _sample(row, s), list(s["modes"])
                 err = (s["error_type"], s.get("error")) if s.get("error_type") else (
@@ -157,10 +175,10 @@ class ModelStage:
             else:
                 out[i] = self._result_row({**sample, "mode": m}, x, o)
         decoded_modes = {m for r in requests for m in r.modes}
-        for mode in dict.fromkeys(r["mode"] for r in out):
-            self.metrics.record_mode(mode, [r for r in out if r["mode"] == mode], decode_s if mode in decoded_modes else None)
-        self._account(out, time.perf_counter() - t_in)
-        self.t_last_end = time.perf_counter()
+        with self.lock:
+            for mode in dict.fromkeys(r["mode"] for r in out):
+                self.metrics.record_mode(mode, [r for r in out if r["mode"] == mode], decode_s if mode in decoded_modes else None)
+            self._account(out)
         return rows_to_table(out)
 
     def _prepare(self, row: dict, s: dict, videos: dict):
@@ -192,26 +210,35 @@ class ModelStage:
         )
 
     def _decode(self, requests: list) -> dict[tuple[str, str], Any]:
-        """Every request through the engine in one call, healed (healing.py) when it fails: fewer
-        slots on out of memory, each request alone otherwise. -> {(key, mode): DecodeResult or
-        (error_type, error text)}. Raises DeviceUnusable."""
+        """Every request through the actor's engine run, beside the other calls' in flight (feeding.py),
+        healed (healing.py) when it fails: fewer slots on out of memory, each request alone otherwise.
+        -> {(key, mode): DecodeResult or (error_type, error text)}. Raises DeviceUnusable."""
+        return self.engine.decode(requests)
+
+    def _engine_call(self, reqs: list, slots: int, **fed) -> dict:
         from vreason_batch.engine.api import DecodeSettings
         from vreason_batch.engine.driver import decode_requests
 
+        injected_fault()
         # the engine takes each request's modes; the settings' own mode is not used
-        settings = DecodeSettings.from_config(self.cfg, requests[0].modes[0])
+        settings = DecodeSettings.from_config(self.cfg, reqs[0].modes[0])
+        t = time.perf_counter()
+        results, stats = decode_requests(self.lm, reqs, settings, slots, compiled=self.cfg.runtime.compile, **fed)
+        self._count_engine(stats, time.perf_counter() - t)
+        return results
 
-        def decode(reqs: list, slots: int) -> dict:
-            injected_fault()
-            results, stats = decode_requests(self.lm, reqs, settings, slots, compiled=self.cfg.runtime.compile)
-            self._count_engine(stats)
-            return results
+    def _run_fed(self, reqs: list, more, finished) -> None:
+        self._engine_call(reqs, self.cfg.runtime.decode_slots, more=more, finished=finished)
 
-        return decode_healing(decode, requests, self.cfg.runtime.decode_slots)
+    def _heal(self, reqs: list, failed: BaseException | None) -> dict:
+        return decode_healing(self._engine_call, reqs, self.cfg.runtime.decode_slots, failed)
 
-    def _count_engine(self, stats) -> None:
-        for k in ENGINE_COUNTS:
-            self.stats[k] += getattr(stats, k)
+    def _count_engine(self, stats, seconds: float) -> None:
+        """One engine run's counts; its seconds are the engine's busy time (calls in flight overlap)."""
+        with self.lock:
+            self.stats["decode_s"] += seconds
+            for k in ENGINE_COUNTS:
+                self.stats[k] += getattr(stats, k)
 
     def _result_row(self, row: dict, x, o) -> dict:
         from vreason_batch.evaluation.scoring import extract_answer, score
@@ -229,10 +256,9 @@ class ModelStage:
         )
         return r
 
-    def _account(self, results: list[dict], decode_s: float) -> None:
+    def _account(self, results: list[dict]) -> None:
         s = self.stats
         s["samples"] += len(results)
-        s["decode_s"] += decode_s
         s["errors"] += sum(1 for r in results if r["error_type"])
         s["output_tokens"] += sum(r["num_output_tokens"] or 0 for r in results)
         s["controller_updates"] += sum(r["controller_updates"] or 0 for r in results)
