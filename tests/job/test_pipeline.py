@@ -659,8 +659,10 @@ ANNOTATE_QUESTIONS = ["What is shown?", "How many bands are there?", "Which fram
 @pytest.fixture(scope="module")
 def annotation_runs(local_ray, tmp_path_factory) -> dict[int, tuple[pa.Table, dict]]:
     """Annotation mode over three videos x three questions x three modes, run with
-    runtime.decode_slots 1 and 4: {slots: (the output, the run record)}. batch_size 9: a model
-    call can hold all three videos (three stage rows), whose 27 rows then share the slots."""
+    runtime.decode_slots 1 and 4: {slots: (the output, the run record)}. Slots 1: batch_size 9, a
+    model call holds all three videos (three stage rows), one call at a time (calls_per_actor 1).
+    Slots 4: batch_size 3, a call per video, two in flight (the default): their 27 rows share the
+    slots across calls."""
     d = tmp_path_factory.mktemp("annotate")
     videos = d / "videos"
     videos.mkdir()
@@ -672,7 +674,8 @@ def annotation_runs(local_ray, tmp_path_factory) -> dict[int, tuple[pa.Table, di
         data = {**TINY, "input": {"annotate": {"videos": str(videos), "questions": ANNOTATE_QUESTIONS}},
                 "output": {"uri": out, "rows_per_file": 100}}
         data["decoding"] = {"modes": list(ANNOTATE_MODES), "max_new_tokens": 6}
-        res = run_job(config_from_dict(data, [f"runtime.decode_slots={slots}", "runtime.batch_size=9"]))
+        per_call = ["runtime.batch_size=9", "runtime.calls_per_actor=1"] if slots == 1 else ["runtime.batch_size=3"]
+        res = run_job(config_from_dict(data, [f"runtime.decode_slots={slots}", *per_call]))
         runs[slots] = (read_results(out), run_record(out, res.run_id))
     return runs
 

@@ -108,6 +108,10 @@ class ModelStage:
         # runtime.calls_per_actor calls run at once, each in its thread: one engine thread decodes them all
         # on the actor's slots (feeding.py); the stats and metrics are shared, under this lock
         self.engine = SharedEngine(self._run_fed, self._heal)
+        # the calls' threads encode while the engine thread decodes: a fast tokenizer switches off the
+        # padding / truncation its file may set on the first encode (a mutable borrow, which fails
+        # beside another thread's use: "Already borrowed"); do it now, before any thread starts
+        self.lm.tokenizer("warm-up", add_special_tokens=False)
         self.lock = threading.RLock()
         self.calls_in_flight = 0
 
