@@ -15,7 +15,6 @@ alone), as if it had been the only call, so a bad sample never costs another cal
 
 from __future__ import annotations
 
-import itertools
 import threading
 from typing import Any, Callable
 
@@ -28,8 +27,8 @@ Heal = Callable[[list, BaseException | None], dict]
 
 
 class _Call:
-    def __init__(self, number: int, requests: list):
-        self.number, self.requests = number, requests
+    def __init__(self, requests: list):
+        self.requests = requests
         self.keys = {r.key for r in requests}
         self.left = sum(len(r.modes) for r in requests)
         self.results: dict[tuple[Any, str], Any] = {}
@@ -48,10 +47,9 @@ class SharedEngine:
         self._thread: threading.Thread | None = None
         self._running = False
         self._taken: list[_Call] = []  # the calls of the current run
-        self._numbers = itertools.count()
 
     def decode(self, requests: list) -> dict[tuple[Any, str], Any]:
-        call = _Call(next(self._numbers), requests)
+        call = _Call(requests)
         with self._cv:
             self._queue.append(call)
             if self._thread is None:
