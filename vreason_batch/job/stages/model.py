@@ -1,7 +1,7 @@
 """The model stage (GPU actors): stage rows -> one output row per (sample, mode), a result or an error row.
 
-`ModelStage` makes one request per sample with all its modes and one engine call per actor call;
-`model_needs_video` and `model_batch_rows` tell the pipeline whether the video stage decodes
+`ModelStage` makes one request per sample with all its modes and hands a call's requests to the
+actor's engine run, which the calls in flight share (feeding.py); `model_needs_video` and `model_batch_rows` tell the pipeline whether the video stage decodes
 frames and how many stage rows one actor call takes.
 """
 
@@ -77,8 +77,9 @@ def _sample(row: dict, s: dict) -> dict:
 class ModelStage:
     """A Ray Data actor: loads the model once; each call decodes a batch of stage rows.
 
-    One request per sample carrying all its pending modes, one `decode_requests` call for the
-    whole batch through `runtime.decode_slots` slots; each (sample, mode) yields exactly one output
+    One request per sample carrying all its pending modes; the batch's requests join the actor's
+    engine run through `runtime.decode_slots` slots, beside those of the other calls in flight
+    (`runtime.calls_per_actor`, threads: feeding.py); each (sample, mode) yields exactly one output
     row in OUTPUT_SCHEMA: a result, or an error row.
     """
 
