@@ -120,18 +120,19 @@ class LoadedModel:
         """The new token's attention mask over the cache, [b, 1, 1, S], built once per step by us.
 
         HF's mask builder, given the 2D padding mask, checks it on the host every forward (a device
-        sync per step); a prepared 4D mask is used as it is. sdpa takes it as bool (True = attend),
-        eager as an additive float; other kernels get the 2D padding mask (HF builds theirs).
+        sync per step); a prepared 4D mask is used as it is. sdpa and eager take it as an additive
+        float in the model's dtype: sdpa with -inf, what it makes of a bool mask itself, in every layer
+        (a where and two scalar tensors each: built once here instead, the same numbers); eager with
+        the dtype's min, as HF's. Other kernels get the 2D padding mask (HF builds theirs).
         pad_mask: [b, S] 1 where the cache (the new token included) holds a real token.
         """
         impl = self.text_model().config._attn_implementation
+        if impl not in ("sdpa", "eager"):
+            return pad_mask
         keep = pad_mask.bool()[:, None, None, :]
-        if impl == "sdpa":
-            return keep
-        if impl == "eager":
-            dtype = self.text_model().embed_tokens.weight.dtype
-            return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
-        return pad_mask
+        dtype = self.text_model().embed_tokens.weight.dtype
+        fill = float("-inf") if impl == "sdpa" else torch.finfo(dtype).min
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, fill)
 
     def new_cache(self, slab: bool = True):
         """An empty KV cache for this model (every layer's keys/values [b, kv_heads, S, head_dim]).
