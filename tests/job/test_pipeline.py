@@ -703,3 +703,21 @@ def test_annotation_decodes_each_video_once(annotation_runs):
 def test_annotation_encodes_each_video_once(annotation_runs):
     counts = annotation_runs[4][1]["counts"]
     assert counts["vision_encodes"] == 3, counts
+
+
+def test_the_last_progress_line_says_what_was_written(capsys):
+    """A periodic line at 100% printed before the last flush must not stand for the run's last line."""
+    from types import SimpleNamespace
+
+    from vreason_batch.job.pipeline import _Progress
+
+    result = SimpleNamespace(rows_written=0, files_written=0, rows_failed=0, output_tokens=0)
+    sink = SimpleNamespace(result=result, rows_finished=10)
+    progress = _Progress(total=10, interval_s=0.0)
+    progress.update(sink)  # every row finished, none written yet
+    result.rows_written, result.files_written = 10, 1  # the sink's close wrote them
+    progress.update(sink, force=True)
+    progress.update(sink, force=True)  # nothing new: no line
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "10/10 rows finished (100%), 0 written" in lines[0]
+    assert "10/10 rows finished (100%), 10 written in 1 files" in lines[1]

@@ -134,15 +134,16 @@ class _Progress:
     def __init__(self, total: int, interval_s: float) -> None:
         self.total, self.interval_s = total, interval_s
         self.t0 = self.t_last = time.perf_counter()
-        self.printed = -1
+        self.printed: tuple[int, int] | None = None  # (finished, written) on the last line printed
 
     def update(self, sink: ResultSink, force: bool = False) -> None:
         """A progress line counting rows finished (received from the model actors) and written."""
         res, done = sink.result, sink.rows_finished
         now = time.perf_counter()
-        if (not force and now - self.t_last < self.interval_s) or (force and self.printed == done):
+        # forced (the run's last line): unless the last line printed says the same, written rows included
+        if (not force and now - self.t_last < self.interval_s) or (force and self.printed == (done, res.rows_written)):
             return
-        self.t_last, self.printed = now, done
+        self.t_last, self.printed = now, (done, res.rows_written)
         el = now - self.t0
         pct = 100.0 * done / self.total if self.total else 100.0
         rate = done / el if el else 0.0
