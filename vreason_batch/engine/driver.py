@@ -78,7 +78,8 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     head = last_layer_for(lm, compiled)
     eos, stops = set(lm.eos_token_ids), StopStrings(lm.tokenizer, settings.stop_strings)
     stats = EngineStats()
-    pending = deque(prefill_units(requests, lm.vision.video_token_id if lm.vision else None))
+    video_token = lm.vision.video_token_id if lm.vision else None
+    pending = deque(prefill_units(requests, video_token))
     # the state's rows: never more than the call has rows (a free slot still costs compute every step)
     capacity = slots if more is not None else min(slots, sum(u.rows for u in pending))
     live: DecodeState | None = None
@@ -89,7 +90,7 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
         while True:
             free = live.free_slots() if live is not None else list(range(capacity))
             if more is not None and free and ready is None and not pending:
-                pending.extend(prefill_units(more(), lm.vision.video_token_id if lm.vision else None))
+                pending.extend(prefill_units(more(), video_token))
             while free and (ready is not None or pending):
                 if ready is None:
                     ready = _admit(lm, head, pending, len(free), stats)

@@ -78,26 +78,26 @@ class SharedEngine:
                 while not self._queue:
                     self._cv.wait()
                 self._running = True
-            self._taken = taken = []
-            first = self._take(taken)
+            self._taken = []
+            first = self._take()
             try:
                 try:
-                    self._run(first, lambda: self._take(taken), self._finished)
+                    self._run(first, self._take, self._finished)
                 except Exception as e:  # noqa: BLE001 - classified below: the calls it cost are healed or fail
-                    self._failed(taken, e)
+                    self._failed(e)
             except BaseException as e:  # noqa: BLE001 - healing itself broke: the open calls raise it, the thread serves on
-                for c in taken:
+                for c in self._taken:
                     if c.left > 0 and c.error is None:
                         c.error = e
             finally:
-                for c in taken:  # a call the engine returned no row for: the stage fills internal_error rows
+                for c in self._taken:  # a call the engine returned no row for: the stage fills internal_error rows
                     c.done.set()
                 with self._cv:
                     self._in_run.clear()
                     self._running = False
                     self._cv.notify_all()
 
-    def _take(self, taken: list[_Call]) -> list:
+    def _take(self) -> list:
         """The requests of every queued call whose keys are not in the run already (the next run takes the rest)."""
         out = []
         with self._cv:
@@ -105,15 +105,14 @@ class SharedEngine:
                 if c.keys.isdisjoint(self._in_run):
                     self._queue.remove(c)
                     self._in_run.update(dict.fromkeys(c.keys, c))
-                    taken.append(c)
+                    self._taken.append(c)
                     out.extend(c.requests)
         if out:  # the run goes on: a call held for its end (see _finished) can return now
-            self._release_finished(taken)
+            self._release_finished()
         return out
 
-    @staticmethod
-    def _release_finished(taken: list[_Call]) -> None:
-        for c in taken:
+    def _release_finished(self) -> None:
+        for c in self._taken:
             if c.left == 0:
                 c.done.set()
 
@@ -126,9 +125,10 @@ class SharedEngine:
         # accounting will hold the run's counts); the run's last call returns once the run has ended and
         # counted them
         if any(c.left for c in self._taken):
-            self._release_finished(self._taken)
+            self._release_finished()
 
-    def _failed(self, taken: list[_Call], e: Exception) -> None:
+    def _failed(self, e: Exception) -> None:
+        taken = self._taken
         if classify(e) == "device":
             for c in taken:
                 c.error = DeviceUnusable(describe(e))

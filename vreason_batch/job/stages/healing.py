@@ -82,10 +82,13 @@ def decode_healing(decode: Callable[[list, int], dict], requests: list, slots: i
     A failed (key, mode) maps to (error_type, error text). Raises DeviceUnusable. `failed`: what the
     first attempt (these requests on `slots` slots, made elsewhere: feeding.py) raised, not a device error.
     """
-    out, err = (None, failed) if failed is not None else _attempt(decode, requests, slots)
-    if out is not None:
-        return out
-    free_accelerator_memory()
+    if failed is None:
+        out, err = _attempt(decode, requests, slots)
+        if out is not None:
+            return out
+    else:  # what _attempt does after a failure
+        err = failed
+        free_accelerator_memory()
     log.warning("decoding %d samples on %d slots failed (%s)", len(requests), slots, describe(err))
     while classify(err) == "oom" and slots > 1 and len(requests) > 1:
         slots = max(1, slots // 2)

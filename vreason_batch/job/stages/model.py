@@ -1,8 +1,9 @@
 """The model stage (GPU actors): stage rows -> one output row per (sample, mode), a result or an error row.
 
 `ModelStage` makes one request per sample with all its modes and hands a call's requests to the
-actor's engine run, which the calls in flight share (feeding.py); `model_needs_video` and `model_batch_rows` tell the pipeline whether the video stage decodes
-frames and how many stage rows one actor call takes.
+actor's engine run, which the calls in flight share (feeding.py); `model_needs_video` and
+`model_batch_rows` tell the pipeline whether the video stage decodes frames and how many stage
+rows one actor call takes.
 """
 
 from __future__ import annotations
@@ -109,12 +110,12 @@ class ModelStage:
         # runtime.calls_per_actor calls run at once, each in its thread: one engine thread decodes them all
         # on the actor's slots (feeding.py); the stats and metrics are shared, under this lock
         self.engine = SharedEngine(self._run_fed, self._heal)
+        self.lock = threading.RLock()
+        self.calls_in_flight = 0
         # the calls' threads encode while the engine thread decodes: a fast tokenizer switches off the
         # padding / truncation its file may set on the first encode (a mutable borrow, which fails
         # beside another thread's use: "Already borrowed"); do it now, before any thread starts
         self.lm.tokenizer("warm-up", add_special_tokens=False)
-        self.lock = threading.RLock()
-        self.calls_in_flight = 0
 
     # -- one batch ------------------------------------------------------------------------
     def __call__(self, batch):
