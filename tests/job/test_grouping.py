@@ -389,6 +389,29 @@ def test_a_device_error_leaves_the_actor_and_records_nothing(model_stage, two_vi
     assert calls == [(3, 4)]  # no retry in a poisoned process, no error rows
 
 
+def test_a_row_the_engine_returns_no_result_for_fails_the_batch_and_records_nothing(model_stage, two_videos,
+                                                                                   monkeypatch):
+    # a bug (the engine or its feeding lost a row), not bad data: never an error row that `--retry-errors`
+    # would have to find, never a silent gap
+    import vreason_batch.engine.driver as driver
+
+    real = driver.decode_requests
+
+    lost = ("s1", "vreason")
+
+    def engine(lm, reqs, settings, slots, compiled=False, finished=None, **fed):
+        def deliver(rows):  # a fed run hands its rows over as they finish
+            finished({k: r for k, r in rows.items() if k != lost})
+
+        got, stats = real(lm, reqs, settings, slots, compiled, finished=finished and deliver, **fed)
+        got.pop(lost, None)
+        return got, stats
+
+    monkeypatch.setattr(driver, "decode_requests", engine)
+    with pytest.raises(RuntimeError, match="no result for sample 's1', mode 'vreason'"):
+        decoded_by_key(model_stage, two_videos)
+
+
 # ---------------------------------------------------------------------------------------------
 # The run record
 

@@ -90,7 +90,7 @@ class SharedEngine:
                     if c.left > 0 and c.error is None:
                         c.error = e
             finally:
-                for c in self._taken:  # a call the engine returned no row for: the stage fills internal_error rows
+                for c in self._taken:  # a call the engine returned no row for: the stage raises (a bug, not an error row)
                     c.done.set()
                 with self._cv:
                     self._in_run.clear()

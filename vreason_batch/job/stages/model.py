@@ -175,7 +175,9 @@ class ModelStage:
         decode_s = time.perf_counter() - t_decode
         for i, key, m in waiting:
             sample, x = prepared[key]
-            o = decoded.get((key, m), ("internal_error", "the engine returned no result for this row"))
+            o = decoded.get((key, m))
+            if o is None:  # a bug in the engine or its feeding, not a fact about this sample: fail the batch, record nothing
+                raise RuntimeError(f"the engine returned no result for sample {key!r}, mode {m!r}")
             if isinstance(o, tuple):
                 out[i] = _error_result({**sample, "mode": m}, self.base, *o)
             else:
