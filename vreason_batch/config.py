@@ -245,8 +245,8 @@ class RuntimeConfig(_Strict):
                                        "missing once Ray's own retries are spent on lost workers or nodes")
     calls_per_actor: int = Field(2, ge=1, description="calls (batches) a model actor holds at once on its decode_slots: "
                                  "the next call's rows fill the slots its last rows free (1: each call drains them)")
-    compile: bool = Field(False, description="the decode step's last layer and head through torch.compile, once per "
-                          "model actor (about a minute on CPU); the layers before it stay eager")
+    compile: bool = Field(False, description="the decode step through torch.compile (three graphs), once per model "
+                          "actor (about a minute on CPU); models engine/stack.py does not run keep HF's eager layers")
     max_samples_per_block: int = Field(
         32, ge=1, description="most samples per Ray Data input block (one video task); small runs use fewer so "
         "every model actor gets several blocks",

@@ -120,6 +120,16 @@ def test_greedy_equals_hf_generate(lm, prompts, greedy):
             assert theirs[len(ours.token_ids)] in lm.eos_token_ids
 
 
+def test_step_layers_equal_hf_forward_on_real_weights(lm, prompts, greedy, monkeypatch):
+    # engine/stack.py runs the layers before the last for the greedy rows above; HF's forward, the same numbers
+    from vreason_batch.engine import stack
+
+    assert stack.unsupported(lm) is None
+    monkeypatch.setattr(stack, "unsupported", lambda lm: "switched off by the test")
+    for ours, hf in zip(greedy, decode_batch(lm, prompts, settings("greedy"))):
+        assert ours.token_ids == hf.token_ids and ours.entropy == hf.entropy
+
+
 def test_vreason_with_lr0_is_greedy(lm, prompts, greedy):
     out = decode_batch(lm, prompts, settings("vreason", lr=0.0, update_every=1, rule="always_min"))
     for g, v in zip(greedy, out):

@@ -123,7 +123,31 @@ def layer_hooks(layers, tally: Tally):
 
 
 @contextlib.contextmanager
+def stack_layer_hooks(tally: Tally):
+    """Marks the ops of the decoder layers engine/stack.py runs itself (no module forward, so no hook
+    fires) and counts their calls, as `layer_hooks` does for HF's."""
+    from vreason_batch.engine.stack import Stack
+
+    inner = Stack._layer
+
+    def counted(self, *args, **kwargs):
+        tally.layer_depth += 1
+        tally.add("layer_calls")
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            tally.layer_depth -= 1
+
+    Stack._layer = counted
+    try:
+        yield
+    finally:
+        Stack._layer = inner
+
+
+@contextlib.contextmanager
 def counting(lm, tally: Tally):
     """Ops, host reads and layer calls counted into `tally` (for the regions it names)."""
-    with layer_hooks(list(lm.text_model().layers), tally), count_host_reads(tally), OpCounter(tally):
+    with layer_hooks(list(lm.text_model().layers), tally), stack_layer_hooks(tally), count_host_reads(tally), \
+            OpCounter(tally):
         yield

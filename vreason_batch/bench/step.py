@@ -16,14 +16,14 @@ disabled, float32 on CPU unless --dtype says otherwise:
   __index__ (each reads a tensor on the host: a device sync on a GPU), counted the same way; and,
   as a second view, ATen ops that would wait for a GPU (`.item()`'s op, torch.equal, nonzero,
   boolean-mask indexing, ...: `sync_ops`), which also catches syncs that no Tensor method shows.
-- per layer / fixed: ops inside the decoder layers HF runs (forward hooks), per layer; the rest is
-  fixed. `*_28_layers_est` is fixed + per layer x 28 (Qwen2.5-VL-7B's depth): an ESTIMATE from
+- per layer / fixed: ops inside the decoder layers before the last (HF's: forward hooks; ours,
+  engine/stack.py's: its per-layer function), per layer; the rest is fixed. `*_28_layers_est` is fixed + per layer x 28 (Qwen2.5-VL-7B's depth): an ESTIMATE from
   the model run, scaled by layers, not a measurement of the 7B model.
 - ms: mean ms per step over `--new-tokens` steps after 2 warm-up steps (prefill not timed): ours the
   loop body, HF generate's steps from a clock it calls after every token (a stopping criterion).
   Median of `--repeats`, all interleaved (the machine's load hits all alike), one untimed run first.
-- compiled: the same loop body with runtime.compile's step (the last layer's attention and head as
-  torch.compile graphs; the first untimed run compiles them), its ms per step for greedy and V-Reason,
+- compiled: the same loop body with runtime.compile's step (a layer before the last, the last layer's
+  attention and its head as torch.compile graphs; the first untimed run compiles them), its ms per step for greedy and V-Reason,
   and whether decode_requests makes the same tokens compiled and eager in both modes.
 """
 
@@ -158,9 +158,9 @@ def _reads(c: Counter, prefix: str = "") -> float:
 
 
 def _per_layer(c: Counter, ops: float, views: float, prefix: str, layers: int) -> dict[str, float]:
-    """Ops (all, and not views) per decoder layer HF runs, the fixed rest, and the 28-layer estimate:
-    fixed + per layer x the layers HF would run at 28 (our last layer runs in last_layer.py, in `fixed`)."""
-    calls = c[f"{prefix}layer_calls"]  # decoder layers HF runs per step: all for HF, all but the last for us
+    """Ops (all, and not views) per decoder layer counted, the fixed rest, and the 28-layer estimate:
+    fixed + per layer x the layers that would run at 28 (our last layer runs in last_layer.py, in `fixed`)."""
+    calls = c[f"{prefix}layer_calls"]  # decoder layers counted per step: all for HF, all but the last for us
     out = {}
     for kind, total, inside in (("ops", ops, c[f"{prefix}layer_ops"]),
                                 ("non_view_ops", ops - views, c[f"{prefix}layer_ops"] - c[f"{prefix}layer_view_ops"])):

@@ -9,11 +9,13 @@ continuous batching (`decode_batch` is its one-batch case).
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, Callable
 
 import torch
 
+from vreason_batch.engine import stack
 from vreason_batch.engine.api import DecodeResult, DecodeSettings, EngineStats, Request
 from vreason_batch.engine.last_layer import LastLayer
 from vreason_batch.engine.models import LoadedModel
@@ -22,6 +24,8 @@ from vreason_batch.engine.prefill import Prefilled, prefill_units
 from vreason_batch.engine.prompting import ModelInputs
 from vreason_batch.engine.state import DecodeState
 from vreason_batch.engine.step import StopStrings, decode_one_token, record_step
+
+log = logging.getLogger(__name__)
 
 
 def _admit(lm: LoadedModel, head: LastLayer, pending: deque, free: int, stats: EngineStats) -> Prefilled:
@@ -45,12 +49,20 @@ def _deliver(lm: LoadedModel, rows: list, results: dict, finished: Callable[[dic
 
 
 def last_layer_for(lm: LoadedModel, compiled: bool) -> LastLayer:
-    """The step's last layer; a compiled one is kept on `lm`, so that its graphs are compiled once per model."""
+    """The step's last layer, with the layers before it where stack.py runs them (else HF's forward does);
+    a compiled one is kept on `lm`, so that its graphs are compiled once per model."""
     if not compiled:
-        return LastLayer(lm.last_layer_parts())
+        return _step_layers(lm, False)
     if "head" not in lm.compiled_heads:
-        lm.compiled_heads["head"] = LastLayer(lm.last_layer_parts(), compiled=True)
+        lm.compiled_heads["head"] = _step_layers(lm, True)
     return lm.compiled_heads["head"]
+
+
+def _step_layers(lm: LoadedModel, compiled: bool) -> LastLayer:
+    why = stack.unsupported(lm)
+    if why is not None:
+        log.debug("the decode step runs HF's forward for the layers before the last: %s", why)
+    return LastLayer(lm.last_layer_parts(), compiled, stack=None if why else stack.Stack(lm, compiled))
 
 
 def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSettings, slots: int,
@@ -66,8 +78,8 @@ def decode_requests(lm: LoadedModel, requests: list[Request], settings: DecodeSe
     the next free slot: at most one prefill's requests wait at a time. `settings.mode` is not used: each
     request names its modes. Float32 matmuls run at IEEE precision throughout (precision.py), whatever
     the process's `torch.set_float32_matmul_precision`, which is restored on return. Returns
-    ({(key, mode): result}, stats). `compiled` (runtime.compile): the last layer's attention and head, the
-    step's own arithmetic, run through torch.compile (last_layer.py); the layers before it stay eager.
+    ({(key, mode): result}, stats). `compiled` (runtime.compile): the step's layers before the last (stack.py),
+    its last layer's attention and head (last_layer.py) run through torch.compile.
 
     A run fed while it decodes (feeding.py): `more()` is asked for further requests whenever slots are free
     and nothing waits (the run ends when it has none and every row is done), and `finished` gets each

@@ -62,6 +62,23 @@ def drop_left(layer, j: int) -> None:
         layer.keys, layer.values = layer.keys[:, :, j:], layer.values[:, :, j:]
 
 
+def slab_buffers(layer):
+    """(keys buffer, values buffer, filled columns n) of an allocated SlabLayer with room for one more
+    token: the caller writes column n of both, then calls `advance`. stack.py's step uses it; HF's
+    forward goes through `update`."""
+    layer.reserve(layer._k[:, :, :1], layer._v[:, :, :1])  # views as the shape/dtype template: no copy
+    return layer._k, layer._v, layer._n
+
+
+def advance(layer, t: int = 1) -> None:
+    """Count `t` more filled columns in a SlabLayer (written by the caller after `slab_buffers`)."""
+    layer._n += t
+
+
+def is_slab(layer) -> bool:
+    return _is_slab(layer)
+
+
 def is_last_layer_input(module) -> bool:
     return type(module) is _last_layer_input_class()
 
@@ -80,9 +97,9 @@ def _slab_layer_class():
         """A DynamicLayer whose keys/values live in a buffer with spare capacity along the sequence.
 
         `update` writes the new tokens in place and returns views of the filled part; the buffer is
-        reallocated (with SLAB_HEADROOM tokens to spare) only when it is full, so a decode step
-        copies the cache once every SLAB_HEADROOM tokens instead of every token. Assigning
-        `keys` / `values` (row selection, merges, pruning) adopts the given tensors as the buffer.
+        reallocated (with SLAB_HEADROOM tokens to spare, `reserve`) only when it is full, so a decode
+        step copies the cache once every SLAB_HEADROOM tokens instead of every token. Assigning `keys` /
+        `values` (row selection, merges, pruning) adopts the given tensors as the buffer.
         """
 
         def __init__(self, **kwargs) -> None:
@@ -113,7 +130,7 @@ def _slab_layer_class():
             self._n = 0
             self.is_initialized = True
 
-        def update(self, key_states, value_states, *args, **kwargs):
+        def reserve(self, key_states, value_states) -> None:  # room for key_states' tokens after the filled ones
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             n, t = self._n, key_states.shape[2]
@@ -123,6 +140,10 @@ def _slab_layer_class():
                 if n:
                     k[:, :, :n], v[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n]
                 self._k, self._v = k, v
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.reserve(key_states, value_states)
+            n, t = self._n, key_states.shape[2]
             self._k[:, :, n:n + t] = key_states
             self._v[:, :, n:n + t] = value_states
             self._n = n + t

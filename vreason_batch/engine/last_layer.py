@@ -159,8 +159,9 @@ class Attention:
 class LastLayer:
     """The last decoder layer + final norm + lm_head, as described in the module docstring."""
 
-    def __init__(self, parts: LastLayerParts, compiled: bool = False) -> None:
+    def __init__(self, parts: LastLayerParts, compiled: bool = False, stack=None) -> None:
         self.p = parts
+        self.stack = stack  # stack.Stack: the layers before this one, where the step runs them itself (else HF's forward)
         # runtime.compile: the two tensor functions of a step through torch.compile, one graph each
         # (fullgraph: a graph break is an error), dynamic in the batch and the cache length
         self._scores_fn, self._head_fn = self._scores, self._head

@@ -1,8 +1,9 @@
 """One decode step: every live row's next token, the controller's dV update where due, and its record.
 
-Every token, the model runs up to the input of its last layer; the last layer, final norm and
-lm_head for that token run in last_layer.py at float32 precision, where dV enters the attention
-as `P[pos] @ dV` (README, "V-Reason, as implemented"). An update therefore re-runs only o_proj,
+Every token, the model runs up to the input of its last layer (stack.py, or HF's forward for the
+models it does not run); the last layer, final norm and lm_head for that token run in
+last_layer.py at float32 precision, where dV enters the attention as `P[pos] @ dV` (README,
+"V-Reason, as implemented"). An update therefore re-runs only o_proj,
 the MLP, the final norm and lm_head of the current token, forward and backward into dV, with the
 attention probabilities P of that token reused. No graph outlives an update; earlier layers
 never see a gradient.
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vreason_batch.config import ControllerConfig
+from vreason_batch.engine import hf_standins
 from vreason_batch.engine.api import DecodeSettings
 from vreason_batch.engine.controller import (
     ControllerState, PolicyState, adam_step, entropy_from_logits, policy_step, reset_moments, value_change, value_delta,
@@ -41,7 +43,11 @@ class Step:
 def forward_last_token(lm: LoadedModel, head: LastLayer, st: DecodeState) -> Attention:
     """Feed each row's next token through the model and the last layer's attention (cache extended)."""
     st.pad_mask = torch.cat([st.pad_mask, st.pad_mask.new_ones((st.pad_mask.shape[0], 1))], dim=1)
-    hidden, cos, sin = lm.forward_to_last_layer({"input_ids": st.next_ids, "attention_mask": lm.step_mask(st.pad_mask)}, st.next_pos, st.cache)
+    mask = lm.step_mask(st.pad_mask)
+    if head.stack is not None and all(hf_standins.is_slab(layer) for layer in st.cache.layers[:-1]):
+        hidden, cos, sin = head.stack.forward(st.next_ids, st.next_pos, mask, st.cache)  # stack.py
+    else:
+        hidden, cos, sin = lm.forward_to_last_layer({"input_ids": st.next_ids, "attention_mask": mask}, st.next_pos, st.cache)
     layer = st.cache.layers[-1]
     return head.attend(hidden, head.extend_cache(hidden, cos, sin, layer), layer, st.pad_mask)
 

@@ -1,0 +1,121 @@
+"""The decoder layers before the last, for one decode token: the model's own modules, run by us.
+
+HF's forward does more per decode step than the arithmetic: it re-derives the positions and the
+mask mapping, dispatches each layer's attention through its interface and reshapes the grouped
+heads there, runs every linear on [b, 1, D] (two views around each GEMM) and walks the cache
+object: 76 PyTorch ops a layer on the tiny Qwen2.5-VL, each a kernel launch on a GPU, where this
+module's layer takes 49 (`bench --workload step`). For the models the engine's last layer
+supports (Llama / Qwen2 / Qwen2-VL / Qwen2.5-VL decoder layers, full attention, sdpa, one device)
+the step runs the same modules itself, on rows of [b, D]:
+
+    x = embed(ids); cos, sin = the model's rotary module at the step's positions
+    per layer: h = input_norm(x); q, k, v = projections of h; RoPE on q, k;
+               k, v written into the slab cache's next column (hf_standins.slab_buffers);
+               a = SDPA(q grouped by kv head, the cache's keys and values, the step's mask)
+               x = x + o_proj(a); x = x + mlp(post_norm(x))
+
+The same modules in the same order, and the same SDPA call as HF's sdpa path for a single query
+(the query heads grouped by the kv head they read, as its `pack_gqa`), so the same numbers: tested
+bit for bit against HF's forward (tests/engine/test_stack.py). Any other model keeps HF's forward
+(`unsupported` says why). With runtime.compile a layer runs as one `torch.compile` graph, the
+same graph for every layer (`fullgraph=True`: a graph break is an error; dynamic in the batch, the
+cache's capacity and its filled length), the cache written in place: with the last layer's two
+(last_layer.py), the greedy step is three graphs, whatever the model's depth.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from vreason_batch.engine import hf_standins
+from vreason_batch.engine.last_layer import _rotate_half
+
+log = logging.getLogger(__name__)
+
+# text configs whose decoder layer is the pre-norm RoPE attention + gated MLP this module runs
+_ARCHS = frozenset({"llama", "qwen2", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text"})
+
+
+def unsupported(lm) -> str | None:
+    """Why `lm`'s layers before the last cannot run here (None: they can)."""
+    tm = lm.text_model()
+    cfg = tm.config
+    if cfg.model_type not in _ARCHS:
+        return f"model type {cfg.model_type!r}"
+    if cfg._attn_implementation != "sdpa":
+        return f"attention {cfg._attn_implementation!r} (only sdpa)"
+    if any(t != "full_attention" for t in getattr(cfg, "layer_types", None) or ()):
+        return "sliding-window layers"
+    if getattr(lm.model, "hf_device_map", None) and len(set(lm.model.hf_device_map.values())) > 1:
+        return "a model placed over several devices"
+    if not all(hasattr(tm, n) for n in ("embed_tokens", "rotary_emb", "layers")):
+        return f"{type(tm).__name__} has no embed_tokens / rotary_emb / layers"
+    for layer in list(tm.layers)[:-1]:
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or any(getattr(attn, n, None) is not None for n in ("q_norm", "k_norm", "sliding_window")):
+            return f"{type(layer).__name__}: not a plain RoPE attention layer"
+    return None
+
+
+class Stack:
+    """The layers before the last of a supported model (`unsupported(lm)` is None), as the module docstring says."""
+
+    def __init__(self, lm, compiled: bool = False) -> None:
+        tm = lm.text_model()
+        cfg = tm.config
+        self.embed, self.rotary, self.vl = tm.embed_tokens, tm.rotary_emb, lm.is_vl
+        self.layers = list(tm.layers)[:-1]  # module references: the last layer's stand-in never enters
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # runtime.compile: one graph for a layer, reused by every layer (their modules are the graph's
+        # inputs, not constants: dynamo inlines nn modules), so the compile cost does not grow with depth
+        self._compiled_layer = torch.compile(self._layer, dynamic=True, fullgraph=True) if compiled else None
+
+    def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache):
+        """ids [b, 1]; position_ids [4, b, 1] (Qwen-VL: text + mrope) or [b, 1]; mask [b, 1, 1, S] additive,
+        S = the cache's filled columns + 1. Fills every earlier layer's next cache column; returns the
+        last layer's input and the rotary (hidden [b, 1, D], cos [b, 1, d], sin [b, 1, d])."""
+        x = self.embed(ids)
+        if self.vl and position_ids.dim() == 3 and position_ids.shape[0] == 4:
+            position_ids = position_ids[1:]  # the rotary takes the 3 mrope rows (HF's text model does the same)
+        cos, sin = self.rotary(x, position_ids)
+        layers = cache.layers[: len(self.layers)]
+        bufs = [hf_standins.slab_buffers(layer) for layer in layers]
+        n = bufs[0][2] if bufs else 0
+        x = self._layers(x[:, 0], cos[:, 0], sin[:, 0], mask, [k for k, _, _ in bufs], [v for _, v, _ in bufs], n)
+        for layer in layers:
+            hf_standins.advance(layer)
+        return x[:, None], cos, sin
+
+    def _layers(self, x, cos, sin, mask, keys: list, values: list, n: int):
+        """Every earlier layer for the new token (x [b, D], cos / sin [b, d]); writes column n of each
+        layer's key and value buffers. Rows stay [b, D] throughout: a linear of a 2D input is one GEMM and
+        a transpose view, where one of [b, 1, D] adds two views (the same GEMM, the same numbers)."""
+        half = cos.shape[-1] // 2
+        cos = cos[:, None, None]  # [b, 1, 1, d]: broadcast over the heads
+        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), exactly: the sign of a
+        # product moves from a factor to the other without rounding, and roll is rotate_half without its neg
+        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)[:, None, None]
+        layer_fn = self._compiled_layer or self._layer
+        for layer, kb, vb in zip(self.layers, keys, values):
+            x = layer_fn(layer, x, cos, sin, half, mask, kb, vb, n)
+        return x
+
+    def _layer(self, layer, x, cos, sin, half: int, mask, kb, vb, n: int):
+        """One decoder layer, as HF's sdpa path computes it for a single query (module docstring)."""
+        b = x.shape[0]
+        H, kv, d = self.heads, self.kv_heads, self.head_dim
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        k = attn.k_proj(h).view(b, kv, 1, d)
+        # a slice, not kb[:, :, n]: an int index makes torch.compile specialise on n (a graph per cache length)
+        kb[:, :, n:n + 1] = k * cos + torch.roll(k, half, dims=-1) * sin
+        vb[:, :, n:n + 1] = attn.v_proj(h).view(b, kv, 1, d)
+        q = attn.q_proj(h).view(b, kv, H // kv, d)  # heads grouped by the kv head they read
+        q = q * cos + torch.roll(q, half, dims=-1) * sin
+        a = torch.nn.functional.scaled_dot_product_attention(
+            q, kb[:, :, :n + 1], vb[:, :, :n + 1], attn_mask=mask, scale=attn.scaling)
+        x = x + attn.o_proj(a.reshape(b, H * d))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
