@@ -248,7 +248,9 @@ def value_delta(probs: torch.Tensor, state: ControllerState, delta: torch.Tensor
     kv, n, d = delta.shape[1], delta.shape[2], delta.shape[3]
     idx = state.pos[:, None, None, :].expand(B, H, Q, n)
     p = probs.gather(-1, idx) * state.valid[:, None, None, :]  # [B, H, Q, n]
-    out = p.reshape(B, kv, (H // kv) * Q, n) @ delta  # [B, kv, groups * Q, head_dim]
+    # one bmm over (row, kv head): [B * kv, groups * Q, n] @ [B * kv, n, head_dim] (the 4D matmul's own
+    # kernel, without its broadcasting views)
+    out = torch.bmm(p.reshape(B * kv, (H // kv) * Q, n), delta.reshape(B * kv, n, d))
     return out.reshape(B, H, Q, d)
 
 

@@ -66,7 +66,8 @@ def slab_buffers(layer):
     """(keys buffer, values buffer, filled columns n) of an allocated SlabLayer with room for one more
     token: the caller writes column n of both, then calls `advance`. stack.py's step uses it; HF's
     forward goes through `update`."""
-    layer.reserve(layer._k[:, :, :1], layer._v[:, :, :1])  # views as the shape/dtype template: no copy
+    if layer._n + 1 > layer._k.shape[2]:  # full: views as the shape/dtype template of the new buffer
+        layer.reserve(layer._k[:, :, :1], layer._v[:, :, :1])
     return layer._k, layer._v, layer._n
 
 

@@ -146,6 +146,21 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + _rotate_half(x) * sin
 
 
+def rope_factors(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One decode token's RoPE, once a step for every layer: (cos, signed sin, half), cos / sin [b, 1, d]
+    -> [b, 1, 1, d]. `rope_one(x, factors)` == `_rope(x, cos, sin)` exactly: rotate_half(x) * sin ==
+    roll(x, half) * (sin with its first half negated), as the sign of a product moves from a factor to
+    the other without rounding, and the roll is rotate_half without its neg."""
+    half = cos.shape[-1] // 2
+    return cos[:, :, None], torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None], half
+
+
+def rope_one(x: torch.Tensor, factors) -> torch.Tensor:
+    """x [b, heads, 1, d] rotated by `rope_factors`' (cos, signed sin, half)."""
+    c, s, half = factors
+    return x * c + torch.roll(x, half, dims=-1) * s
+
+
 @dataclass
 class Attention:
     """The last layer's attention for the current token: what the logits need, independent of dV."""
@@ -185,18 +200,32 @@ class LastLayer:
         cache_layer.update(k, v)
         return _rope(self._split(p.q_proj(h[:, -1:]), p.num_heads), cos[:, -1:], sin[:, -1:])
 
-    def attend(self, hidden: torch.Tensor, q: torch.Tensor, cache_layer, pad_mask: torch.Tensor) -> Attention:
-        """q [b, H, 1, d] against the whole cache; pad_mask [b, S] (1 = a real token)."""
-        probs, base = self._scores_fn(q, cache_layer.keys, cache_layer.values, pad_mask)
+    def extend_cache_one(self, hidden: torch.Tensor, rope, cache_layer) -> torch.Tensor:
+        """`extend_cache` for the decode step's one token (hidden [b, 1, D]; rope: `rope_factors` of its
+        cos / sin), the same numbers in fewer ops: rows of [b, D] (a linear of a 2D input adds no views)."""
+        p = self.p
+        b = hidden.shape[0]
+        h = p.input_norm(hidden[:, 0])
+        k = p.k_proj(h).view(b, p.num_kv_heads, 1, p.head_dim)
+        cache_layer.update(rope_one(k, rope), p.v_proj(h).view(b, p.num_kv_heads, 1, p.head_dim))
+        return rope_one(p.q_proj(h).view(b, p.num_heads, 1, p.head_dim), rope)
+
+    def attend(self, hidden: torch.Tensor, q: torch.Tensor, cache_layer, mask: torch.Tensor) -> Attention:
+        """q [b, H, 1, d] against the whole cache; mask: the step's (models.step_mask), additive [b, 1, 1, S]
+        or the padding mask [b, S] (1 = a real token)."""
+        probs, base = self._scores_fn(q, cache_layer.keys, cache_layer.values, mask)
         return Attention(hidden_in=hidden[:, -1:], probs=probs, base=base, values=cache_layer.values)
 
-    def _scores(self, q, keys, values, pad_mask):
+    def _scores(self, q, keys, values, mask):
         """(P [b, H, 1, S], P @ V [b, H, 1, d]) in fp32; keys, values [b, kv, S, d] as stored."""
         b, H, _, d = q.shape
         kv = keys.shape[1]
         qg = q.float().reshape(b, kv, H // kv, d)  # heads grouped by the kv head they read
         scores = (qg @ keys.float().transpose(-1, -2)) * self.p.scaling  # [b, kv, groups, S]
-        scores = scores.masked_fill(~pad_mask.bool()[:, None, None, :], float("-inf"))
+        if mask.dim() == 4:  # additive, 0 or -inf (sdpa) / the dtype's min (eager): the same zero probabilities
+            scores = scores + mask
+        else:
+            scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         base = probs @ values.float()  # [b, kv, groups, d]
         return probs.reshape(b, H, 1, -1), base.reshape(b, H, 1, d)
@@ -209,8 +238,10 @@ class LastLayer:
         """o_proj, MLP, final norm and lm_head of the attention output `out` [b, H, 1, d]: fp32 logits [b, V]."""
         p = self.p
         b = out.shape[0]
-        out = out.transpose(1, 2).reshape(b, 1, p.num_heads * p.head_dim)  # [b, 1, H*d]
-        x = hidden_in.float() + linear32(out, p.o_proj)  # residual stream, fp32
+        # rows of [b, H*d] (one query: the heads in HF's transpose-reshape order) and [b, D]: a linear of
+        # a 2D input is one GEMM and a transpose view, where [b, 1, D] adds two views (the same GEMM)
+        out = out.reshape(b, p.num_heads * p.head_dim)
+        x = hidden_in.reshape(b, -1).float() + linear32(out, p.o_proj)  # residual stream, fp32
         h = p.post_norm(x)  # HF RMSNorm keeps an fp32 input in fp32
         x = x + linear32(p.act_fn(linear32(h, p.gate_proj)) * linear32(h, p.up_proj), p.down_proj)
-        return linear32(p.final_norm(x), p.lm_head)[:, -1, :]
+        return linear32(p.final_norm(x), p.lm_head)

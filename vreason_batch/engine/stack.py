@@ -30,7 +30,7 @@ import logging
 import torch
 
 from vreason_batch.engine import hf_standins
-from vreason_batch.engine.last_layer import _rotate_half
+from vreason_batch.engine.last_layer import rope_factors, rope_one
 
 log = logging.getLogger(__name__)
 
@@ -76,45 +76,35 @@ class Stack:
     def forward(self, ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache):
         """ids [b, 1]; position_ids [4, b, 1] (Qwen-VL: text + mrope) or [b, 1]; mask [b, 1, 1, S] additive,
         S = the cache's filled columns + 1. Fills every earlier layer's next cache column; returns the
-        last layer's input and the rotary (hidden [b, 1, D], cos [b, 1, d], sin [b, 1, d])."""
+        last layer's input [b, 1, D] and the step's RoPE (last_layer.rope_factors), for the last layer too."""
         x = self.embed(ids)
         if self.vl and position_ids.dim() == 3 and position_ids.shape[0] == 4:
             position_ids = position_ids[1:]  # the rotary takes the 3 mrope rows (HF's text model does the same)
-        cos, sin = self.rotary(x, position_ids)
+        rope = rope_factors(*self.rotary(x, position_ids))
         layers = cache.layers[: len(self.layers)]
         bufs = [hf_standins.slab_buffers(layer) for layer in layers]
         n = bufs[0][2] if bufs else 0
-        x = self._layers(x[:, 0], cos[:, 0], sin[:, 0], mask, [k for k, _, _ in bufs], [v for _, v, _ in bufs], n)
+        # rows of [b, D] throughout: a linear of a 2D input is one GEMM and a transpose view, where one of
+        # [b, 1, D] adds two views (the same GEMM, the same numbers)
+        x = x[:, 0]
+        layer_fn = self._compiled_layer or self._layer
+        for layer, (kb, vb, _) in zip(self.layers, bufs):
+            x = layer_fn(layer, x, rope, mask, kb, vb, n)
         for layer in layers:
             hf_standins.advance(layer)
-        return x[:, None], cos, sin
+        return x[:, None], rope
 
-    def _layers(self, x, cos, sin, mask, keys: list, values: list, n: int):
-        """Every earlier layer for the new token (x [b, D], cos / sin [b, d]); writes column n of each
-        layer's key and value buffers. Rows stay [b, D] throughout: a linear of a 2D input is one GEMM and
-        a transpose view, where one of [b, 1, D] adds two views (the same GEMM, the same numbers)."""
-        half = cos.shape[-1] // 2
-        cos = cos[:, None, None]  # [b, 1, 1, d]: broadcast over the heads
-        # rotate_half(x) * sin == roll(x, half) * (sin with its first half negated), exactly: the sign of a
-        # product moves from a factor to the other without rounding, and roll is rotate_half without its neg
-        sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1)[:, None, None]
-        layer_fn = self._compiled_layer or self._layer
-        for layer, kb, vb in zip(self.layers, keys, values):
-            x = layer_fn(layer, x, cos, sin, half, mask, kb, vb, n)
-        return x
-
-    def _layer(self, layer, x, cos, sin, half: int, mask, kb, vb, n: int):
-        """One decoder layer, as HF's sdpa path computes it for a single query (module docstring)."""
+    def _layer(self, layer, x, rope, mask, kb, vb, n: int):
+        """One decoder layer (x [b, D]), as HF's sdpa path computes it for a single query (module docstring);
+        writes column n of the layer's key and value buffers."""
         b = x.shape[0]
         H, kv, d = self.heads, self.kv_heads, self.head_dim
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        k = attn.k_proj(h).view(b, kv, 1, d)
         # a slice, not kb[:, :, n]: an int index makes torch.compile specialise on n (a graph per cache length)
-        kb[:, :, n:n + 1] = k * cos + torch.roll(k, half, dims=-1) * sin
+        kb[:, :, n:n + 1] = rope_one(attn.k_proj(h).view(b, kv, 1, d), rope)
         vb[:, :, n:n + 1] = attn.v_proj(h).view(b, kv, 1, d)
-        q = attn.q_proj(h).view(b, kv, H // kv, d)  # heads grouped by the kv head they read
-        q = q * cos + torch.roll(q, half, dims=-1) * sin
+        q = rope_one(attn.q_proj(h).view(b, kv, H // kv, d), rope)  # heads grouped by the kv head they read
         a = torch.nn.functional.scaled_dot_product_attention(
             q, kb[:, :, :n + 1], vb[:, :, :n + 1], attn_mask=mask, scale=attn.scaling)
         x = x + attn.o_proj(a.reshape(b, H * d))

@@ -22,7 +22,7 @@ from vreason_batch.engine.api import DecodeSettings
 from vreason_batch.engine.controller import (
     ControllerState, PolicyState, adam_step, entropy_from_logits, policy_step, reset_moments, value_change, value_delta,
 )
-from vreason_batch.engine.last_layer import Attention, LastLayer
+from vreason_batch.engine.last_layer import Attention, LastLayer, rope_factors
 from vreason_batch.engine.models import LoadedModel
 from vreason_batch.engine.modes import get_mode
 from vreason_batch.engine.sampling import choose_tokens
@@ -45,11 +45,12 @@ def forward_last_token(lm: LoadedModel, head: LastLayer, st: DecodeState) -> Att
     st.pad_mask = torch.cat([st.pad_mask, st.pad_mask.new_ones((st.pad_mask.shape[0], 1))], dim=1)
     mask = lm.step_mask(st.pad_mask)
     if head.stack is not None and all(hf_standins.is_slab(layer) for layer in st.cache.layers[:-1]):
-        hidden, cos, sin = head.stack.forward(st.next_ids, st.next_pos, mask, st.cache)  # stack.py
+        hidden, rope = head.stack.forward(st.next_ids, st.next_pos, mask, st.cache)  # stack.py
     else:
         hidden, cos, sin = lm.forward_to_last_layer({"input_ids": st.next_ids, "attention_mask": mask}, st.next_pos, st.cache)
+        rope = rope_factors(cos, sin)
     layer = st.cache.layers[-1]
-    return head.attend(hidden, head.extend_cache(hidden, cos, sin, layer), layer, st.pad_mask)
+    return head.attend(hidden, head.extend_cache_one(hidden, rope, layer), layer, mask)
 
 
 def entropy_and_grad(head: LastLayer, att: Attention, ctrl: ControllerState, weights_of, value_norm: str):
