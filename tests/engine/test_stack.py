@@ -66,3 +66,30 @@ def test_unsupported_models_keep_hf_forward(samples, monkeypatch):
         assert "gemma" in stack.unsupported(lm)
     finally:
         cfg.model_type = saved
+
+
+def test_the_whole_greedy_step_compiles_as_one_fullgraph_graph(samples):
+    """Issue 22, section 2's check: torch.compile(fullgraph=True) of the whole greedy step (decode_one_token:
+    embedding, rotary, the layers before the last, the last layer and its head, entropy, policy, token
+    choice) succeeds, so the step has no graph break; it makes the eager step's tokens, step after step
+    as the cache grows, and keeps the host's counters (rows, cache length) as the eager step does."""
+    from torch._dynamo.utils import counters
+    from vreason_batch.engine.driver import last_layer_for
+    from vreason_batch.engine.precision import ieee_float32
+    from vreason_batch.engine.prefill import prefill
+    from vreason_batch.engine.step import decode_one_token
+
+    lm, s = tiny_lm(), decode_settings("greedy", N)
+    torch._dynamo.reset()
+    counters.clear()
+    with ieee_float32(), torch.no_grad():
+        head = last_layer_for(lm, False)
+        eager, compiled = prefill(lm, head, samples, s), prefill(lm, head, samples, s)
+        step = torch.compile(decode_one_token, fullgraph=True, dynamic=True)
+        for _ in range(10):
+            want, got = decode_one_token(lm, head, eager, s), step(lm, head, compiled, s)
+            assert torch.equal(got.token, want.token)
+            torch.testing.assert_close(got.entropy, want.entropy, atol=1e-4, rtol=0)
+            assert [r.tokens_seen for r in compiled.rows] == [r.tokens_seen for r in eager.rows]
+            assert compiled.cache.layers[0].keys.shape == eager.cache.layers[0].keys.shape
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2  # one graph for every cache length, not one per step

@@ -29,7 +29,9 @@ def new_cache(model_config, slab: bool = True):
 
 
 def _is_slab(layer) -> bool:
-    return type(layer) is _slab_layer_class()
+    # a class attribute, not `type(layer) is SlabLayer`: torch.compile traces an attribute read, not the
+    # class factory (the whole greedy step compiles as one fullgraph graph, tests/engine/test_stack.py)
+    return getattr(type(layer), "is_slab", False)
 
 
 def allocate(layer, rows: int, cols: int, like_k, like_v) -> None:
@@ -102,6 +104,7 @@ def _slab_layer_class():
         step copies the cache once every SLAB_HEADROOM tokens instead of every token. Assigning `keys` /
         `values` (row selection, merges, pruning) adopts the given tensors as the buffer.
         """
+        is_slab = True  # hf_standins._is_slab
 
         def __init__(self, **kwargs) -> None:
             self._k = self._v = None
@@ -127,8 +130,7 @@ def _slab_layer_class():
 
         def lazy_initialization(self, key_states, value_states) -> None:
             self.dtype, self.device = key_states.dtype, key_states.device
-            self._k = self._v = None
-            self._n = 0
+            self._k, self._v, self._n = None, None, 0
             self.is_initialized = True
 
         def reserve(self, key_states, value_states) -> None:  # room for key_states' tokens after the filled ones
