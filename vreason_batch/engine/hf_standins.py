@@ -65,12 +65,28 @@ def drop_left(layer, j: int) -> None:
 
 
 def slab_buffers(layer):
-    """(keys buffer, values buffer, filled columns n) of an allocated SlabLayer with room for one more
-    token: the caller writes column n of both, then calls `advance`. stack.py's step uses it; HF's
-    forward goes through `update`."""
+    """(keys buffer, values buffer, first filled column, filled columns n) of an allocated SlabLayer with
+    room for one more token: its keys are buffer[:, :, first:first + n]; the caller writes column
+    first + n of both, then calls `advance`. stack.py's step uses it; HF's forward goes through `update`.
+    After `drop_left` the layer's buffers are views of the buffers they were cut from: those whole
+    buffers are given, so the step's inputs are never views (torch.compile guards on a view's strides
+    and base: a graph per kind of input)."""
     if layer._n + 1 > layer._k.shape[2]:  # full: views as the shape/dtype template of the new buffer
         layer.reserve(layer._k[:, :, :1], layer._v[:, :, :1])
-    return layer._k, layer._v, layer._n
+    k, v = layer._k, layer._v
+    first = _column_cut(k)
+    if first is not None and first == _column_cut(v):
+        return k._base, v._base, first, layer._n
+    return k, v, 0, layer._n
+
+
+def _column_cut(view):
+    """j when `view` is its base's [:, :, j:...] (drop_left's cut), else None."""
+    base = view._base
+    if base is None or base.dim() != 4 or base.shape[:2] != view.shape[:2] or base.stride() != view.stride():
+        return None
+    offset = view.storage_offset() - base.storage_offset()
+    return offset // view.stride(2) if offset % view.stride(2) == 0 else None
 
 
 def advance(layer, t: int = 1) -> None:

@@ -77,26 +77,26 @@ class Stack:
         """ids [b, 1]; position_ids [4, b, 1] (Qwen-VL: text + mrope) or [b, 1]; mask [b, 1, 1, S] additive,
         S = the cache's filled columns + 1. Fills every earlier layer's next cache column; returns the
         last layer's input [b, 1, D] and the step's RoPE (last_layer.rope_factors), for the last layer too."""
-        x = self.embed(ids)
+        # rows of [b, D] throughout: a linear of a 2D input is one GEMM and a transpose view, where one of
+        # [b, 1, D] adds two views (the same GEMM, the same numbers); and every layer's input a tensor of its
+        # own, not a view, as the later layers' are (torch.compile guards on it: else a second graph)
+        x = self.embed(ids[:, 0])
         if self.vl and position_ids.dim() == 3 and position_ids.shape[0] == 4:
             position_ids = position_ids[1:]  # the rotary takes the 3 mrope rows (HF's text model does the same)
-        rope = rope_factors(*self.rotary(x, position_ids))
+        rope = rope_factors(*self.rotary(x, position_ids))  # the rotary reads x's dtype and device alone
         layers = cache.layers[: len(self.layers)]
         bufs = [hf_standins.slab_buffers(layer) for layer in layers]
-        n = bufs[0][2] if bufs else 0
-        # rows of [b, D] throughout: a linear of a 2D input is one GEMM and a transpose view, where one of
-        # [b, 1, D] adds two views (the same GEMM, the same numbers)
-        x = x[:, 0]
+        first, n = bufs[0][2:] if bufs else (0, 0)
         layer_fn = self._compiled_layer or self._layer
-        for layer, (kb, vb, _) in zip(self.layers, bufs):
-            x = layer_fn(layer, x, rope, mask, kb, vb, n)
+        for layer, (kb, vb, _, _) in zip(self.layers, bufs):
+            x = layer_fn(layer, x, rope, mask, kb, vb, first, first + n)
         for layer in layers:
             hf_standins.advance(layer)
         return x[:, None], rope
 
-    def _layer(self, layer, x, rope, mask, kb, vb, n: int):
-        """One decoder layer (x [b, D]), as HF's sdpa path computes it for a single query (module docstring);
-        writes column n of the layer's key and value buffers."""
+    def _layer(self, layer, x, rope, mask, kb, vb, first: int, n: int):
+        """One decoder layer (x [b, D]), as HF's sdpa path computes it for a single query (module docstring):
+        writes column n of the layer's key and value buffers, attends over their columns first..n."""
         b = x.shape[0]
         H, kv, d = self.heads, self.kv_heads, self.head_dim
         attn = layer.self_attn
@@ -106,6 +106,6 @@ class Stack:
         vb[:, :, n:n + 1] = attn.v_proj(h).view(b, kv, 1, d)
         q = rope_one(attn.q_proj(h).view(b, kv, H // kv, d), rope)  # heads grouped by the kv head they read
         a = torch.nn.functional.scaled_dot_product_attention(
-            q, kb[:, :, :n + 1], vb[:, :, :n + 1], attn_mask=mask, scale=attn.scaling)
+            q, kb[:, :, first:n + 1], vb[:, :, first:n + 1], attn_mask=mask, scale=attn.scaling)
         x = x + attn.o_proj(a.reshape(b, H * d))
         return x + layer.mlp(layer.post_attention_layernorm(x))
