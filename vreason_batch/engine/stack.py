@@ -25,14 +25,10 @@ cache's capacity and its filled length), the cache written in place: with the la
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from vreason_batch.engine import hf_standins
 from vreason_batch.engine.last_layer import rope_factors, rope_one
-
-log = logging.getLogger(__name__)
 
 # text configs whose decoder layer is the pre-norm RoPE attention + gated MLP this module runs
 _ARCHS = frozenset({"llama", "qwen2", "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text"})
@@ -85,13 +81,11 @@ class Stack:
             position_ids = position_ids[1:]  # the rotary takes the 3 mrope rows (HF's text model does the same)
         rope = rope_factors(*self.rotary(x, position_ids))  # the rotary reads x's dtype and device alone
         layers = cache.layers[: len(self.layers)]
-        bufs = [hf_standins.slab_buffers(layer) for layer in layers]
-        first, n = bufs[0][2:] if bufs else (0, 0)
         layer_fn = self._compiled_layer or self._layer
-        for layer, (kb, vb, _, _) in zip(self.layers, bufs):
+        for layer, cache_layer in zip(self.layers, layers):
+            kb, vb, first, n = hf_standins.slab_buffers(cache_layer)  # each layer's own: its buffers may differ
             x = layer_fn(layer, x, rope, mask, kb, vb, first, first + n)
-        for layer in layers:
-            hf_standins.advance(layer)
+            hf_standins.advance(cache_layer)
         return x[:, None], rope
 
     def _layer(self, layer, x, rope, mask, kb, vb, first: int, n: int):
