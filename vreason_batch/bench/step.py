@@ -17,14 +17,16 @@ disabled, float32 on CPU unless --dtype says otherwise:
   as a second view, ATen ops that would wait for a GPU (`.item()`'s op, torch.equal, nonzero,
   boolean-mask indexing, ...: `sync_ops`), which also catches syncs that no Tensor method shows.
 - per layer / fixed: ops inside the decoder layers before the last (HF's: forward hooks; ours,
-  engine/stack.py's: its per-layer function), per layer; the rest is fixed. `*_28_layers_est` is fixed + per layer x 28 (Qwen2.5-VL-7B's depth): an ESTIMATE from
-  the model run, scaled by layers, not a measurement of the 7B model.
+  engine/stack.py's: its per-layer function), per layer; the rest is fixed. `*_28_layers_est` is
+  fixed + per layer x 28 (Qwen2.5-VL-7B's depth): an ESTIMATE from the model run, scaled by
+  layers, not a measurement of the 7B model.
 - ms: mean ms per step over `--new-tokens` steps after 2 warm-up steps (prefill not timed): ours the
   loop body, HF generate's steps from a clock it calls after every token (a stopping criterion).
   Median of `--repeats`, all interleaved (the machine's load hits all alike), one untimed run first.
 - compiled: the same loop body with runtime.compile's step (a layer before the last, the last layer's
-  attention and its head as torch.compile graphs; the first untimed run compiles them), its ms per step for greedy and V-Reason,
-  and whether decode_requests makes the same tokens compiled and eager in both modes.
+  attention and its head as torch.compile graphs; the first untimed run compiles them), its ms per
+  step for greedy and V-Reason, and whether decode_requests makes the same tokens compiled and eager
+  in both modes.
 """
 
 from __future__ import annotations

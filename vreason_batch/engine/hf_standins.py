@@ -28,7 +28,7 @@ def new_cache(model_config, slab: bool = True):
     return cache
 
 
-def _is_slab(layer) -> bool:
+def is_slab(layer) -> bool:
     # a class attribute, not `type(layer) is SlabLayer`: torch.compile traces an attribute read, not the
     # class factory (the whole greedy step compiles as one fullgraph graph, tests/engine/test_stack.py)
     return getattr(type(layer), "is_slab", False)
@@ -38,10 +38,10 @@ def allocate(layer, rows: int, cols: int, like_k, like_v) -> None:
     """Give `layer` zeroed keys/values [rows, kv_heads, cols, head_dim] shaped like `like_k` / `like_v`
     (a SlabLayer: with spare capacity after them). Zeros, not garbage: a masked column still meets a
     zero probability, and 0 * NaN would be NaN."""
-    spare = SLAB_HEADROOM if _is_slab(layer) else 0
+    spare = SLAB_HEADROOM if is_slab(layer) else 0
     k = like_k.new_zeros((rows, like_k.shape[1], cols + spare, like_k.shape[3]))
     v = like_v.new_zeros((rows, like_v.shape[1], cols + spare, like_v.shape[3]))
-    if _is_slab(layer):
+    if is_slab(layer):
         layer.dtype, layer.device, layer.is_initialized = k.dtype, k.device, True
         layer._k, layer._v, layer._n = k, v, cols
     else:
@@ -58,7 +58,7 @@ def pad_left(layer, g: int) -> int:
 
 def drop_left(layer, j: int) -> None:
     """Drop the first `j` cache columns of every row; nothing is copied (a SlabLayer keeps its spare capacity)."""
-    if _is_slab(layer):
+    if is_slab(layer):
         layer._k, layer._v, layer._n = layer._k[:, :, j:], layer._v[:, :, j:], layer._n - j
     else:
         layer.keys, layer.values = layer.keys[:, :, j:], layer.values[:, :, j:]
@@ -94,10 +94,6 @@ def advance(layer, t: int = 1) -> None:
     layer._n += t
 
 
-def is_slab(layer) -> bool:
-    return _is_slab(layer)
-
-
 def is_last_layer_input(module) -> bool:
     return type(module) is _last_layer_input_class()
 
@@ -120,7 +116,7 @@ def _slab_layer_class():
         step copies the cache once every SLAB_HEADROOM tokens instead of every token. Assigning `keys` /
         `values` (row selection, merges, pruning) adopts the given tensors as the buffer.
         """
-        is_slab = True  # hf_standins._is_slab
+        is_slab = True  # hf_standins.is_slab
 
         def __init__(self, **kwargs) -> None:
             self._k = self._v = None

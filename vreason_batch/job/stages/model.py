@@ -169,7 +169,9 @@ class ModelStage:
                     out.append(None)
         t_decode = time.perf_counter()
         try:
-            decoded = self._decode(requests) if requests else {}
+            # through the actor's engine run, beside the other calls' in flight (feeding.py), healed (healing.py)
+            # when it fails -> {(key, mode): DecodeResult or (error_type, error text)}
+            decoded = self.engine.decode(requests) if requests else {}
         except DeviceUnusable as e:  # nothing of this batch is recorded: a fresh actor decodes it
             exit_for_restart(e)
         decode_s = time.perf_counter() - t_decode
@@ -216,12 +218,6 @@ class ModelStage:
             self.lm.tokenizer, s["question"], s.get("options") or None, s.get("problem_type") or "free_form",
             c.decoding.prompt, c.decoding.system_prompt if self.lm.is_vl else None,
         )
-
-    def _decode(self, requests: list) -> dict[tuple[str, str], Any]:
-        """Every request through the actor's engine run, beside the other calls' in flight (feeding.py),
-        healed (healing.py) when it fails: fewer slots on out of memory, each request alone otherwise.
-        -> {(key, mode): DecodeResult or (error_type, error text)}. Raises DeviceUnusable."""
-        return self.engine.decode(requests)
 
     def _engine_call(self, reqs: list, slots: int, **fed) -> dict:
         from vreason_batch.engine.api import DecodeSettings
